@@ -1,0 +1,81 @@
+"""The validated configuration: frozen dataclasses built by ``config.load`` from a rules file.
+
+Network-facing settings (listeners, upstreams, TLS material, limits) live here; the rules that
+decide what passes are the core's ``Policy``, which this model carries. Paths are absolute
+(resolved against the rules file's directory) so a reload from another working directory reads
+the same files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicomfw.core.policy import Policy
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTLS:
+    """TLS on a listener: always requires a client certificate that verifies against ``ca``."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    crl: Path | None = None
+    min_version: str = "TLSv1.2"  # "TLSv1.2" or "TLSv1.3"
+    key_password_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientTLS:
+    """TLS toward an upstream: our client certificate plus verification of the server's."""
+
+    ca: Path
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None  # name to verify; defaults to the upstream host
+    verify_hostname: bool = True
+    min_version: str = "TLSv1.2"
+    key_password_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    host: str
+    port: int
+    tls: ServerTLS | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    name: str
+    host: str
+    port: int
+    tls: ClientTLS | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Resource bounds. Times in seconds, sizes in bytes."""
+
+    max_pdu_bytes: int = 1_048_576
+    artim_seconds: float = 30.0
+    idle_seconds: float = 300.0
+    connect_timeout_seconds: float = 10.0
+    tls_handshake_seconds: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path  # the rules file this came from
+    listeners: tuple[Listener, ...]
+    upstreams: tuple[Upstream, ...]
+    policy: Policy
+    limits: Limits = Limits()
+
+    def upstream(self, name: str) -> Upstream:
+        for upstream in self.upstreams:
+            if upstream.name == name:
+                return upstream
+        raise KeyError(name)

@@ -1,0 +1,1 @@
+"""Sans-IO core: bytes in, events and decisions out. No sockets, clocks, files or globals."""
