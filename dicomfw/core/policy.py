@@ -35,6 +35,8 @@ SERVICE_COMMANDS: Final[dict[str, int]] = {
 }
 SERVICE_BY_COMMAND: Final[dict[int, str]] = {v: k for k, v in SERVICE_COMMANDS.items()}
 C_CANCEL_RQ: Final = 0x0FFF
+#: The Verification SOP Class (PS3.4 Annex A): the only abstract syntax C-ECHO runs on.
+VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
 
 # A-ASSOCIATE-RJ codes, PS3.8 Table 9-21.
 RJ_PERMANENT: Final = 1
@@ -121,7 +123,12 @@ class AllowRule:
     move_destinations: frozenset[str] | None = None
 
     def covers_sop_class(self, sop_class: str) -> bool:
-        return self.sop_classes is None or sop_class in self.sop_classes
+        """A rule allowing C-ECHO covers Verification without listing it next to CT or MR."""
+        return (
+            self.sop_classes is None
+            or sop_class in self.sop_classes
+            or (sop_class == VERIFICATION_SOP_CLASS and "C-ECHO" in self.services)
+        )
 
 
 @dataclass(frozen=True, slots=True)

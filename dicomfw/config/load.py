@@ -1,0 +1,799 @@
+"""The strict rules-file loader: YAML in, a validated ``Config`` out, or every problem at once.
+
+A firewall that starts with a half-understood rules file is worse than one that refuses to
+start, so nothing is guessed: unknown keys, duplicate keys, wrong types (``"false"`` for
+``false``, ``"104"`` for ``104``), bad CIDRs, unknown UID keywords, dangling references and
+missing certificate files are all errors. They are collected in one pass and raised together
+as ``ConfigErrors``, each located as ``FILE:LINE: key.path: message`` so an admin can fix the
+whole file in one edit instead of one error per restart.
+
+Positions come from PyYAML's node tree (``yaml.compose``), which we walk ourselves: the usual
+``safe_load`` would hand back plain dicts without line numbers and would silently keep the last
+of two duplicate keys. The schema is written as tables of ``key -> (required, check)`` over a
+handful of checks ("string", "int in range", "list of", "AE title", ...); each check returns the
+model value or raises ``_Invalid`` and the table walker records it and carries on.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from dicomfw.config.model import ClientTLS, Config, Limits, Listener, ServerTLS, Upstream
+from dicomfw.core import uids
+from dicomfw.core.policy import (
+    SERVICE_COMMANDS,
+    AllowRule,
+    CertificateIdentity,
+    IPNetwork,
+    Peer,
+    Policy,
+    Route,
+)
+from dicomfw.errors import ConfigError, ConfigErrors
+
+__all__ = ["load_config"]
+
+T = TypeVar("T")
+
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_TLS_VERSIONS: Final = {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a rules file; raise ``ConfigErrors`` listing every problem found.
+
+    Relative paths inside the file (certificates, keys, CRLs) are resolved against the rules
+    file's directory and must name readable files, so a config that loads is one the daemon can
+    actually start with.
+    """
+    shown = str(path)
+    source = Path(path).absolute()
+    try:
+        text = source.read_bytes()
+    except OSError as exc:
+        raise ConfigErrors([ConfigError(shown, None, "", f"cannot read: {exc.strerror}")]) from None
+    # The directory is resolved so that "../certs" means what the shell would take it to mean
+    # even if the rules directory is a symlink; the files named in it are not resolved, so a
+    # certificate symlink that is renewed in place keeps working.
+    loader = _Loader(shown, source.parent.resolve())
+    config = loader.load(text, source)
+    if loader.errors:
+        raise ConfigErrors(sorted(loader.errors, key=lambda e: e.line or 0))
+    assert config is not None
+    return config
+
+
+class _Invalid(Exception):
+    """A check failed. With a message, the caller records it at the value's position; without
+    one, the problems were already recorded deeper down and the value is merely unusable."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class _At:
+    """A YAML node and the key path that reached it, e.g. ``routes[0].allow[1].services``."""
+
+    node: Node
+    path: str
+
+    @property
+    def line(self) -> int:
+        return self.node.start_mark.line + 1
+
+    def child(self, node: Node, name: str) -> _At:
+        return _At(node, f"{self.path}.{name}" if self.path else name)
+
+    def item(self, node: Node, index: int) -> _At:
+        return _At(node, f"{self.path}[{index}]")
+
+
+#: A check turns a node into a model value or raises ``_Invalid``.
+Check = Callable[["_Loader", _At], T]
+#: A mapping's schema: key -> (required?, check), in the order the checks should run.
+Schema = dict[str, tuple[bool, Check[Any]]]
+REQUIRED, OPTIONAL = True, False
+
+
+@dataclass
+class _Fields:
+    """The known keys of one mapping: where each was given, and the values that passed."""
+
+    given: dict[str, _At] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    ok: bool = True
+
+    def require_ok(self) -> None:
+        if not self.ok:
+            raise _Invalid()
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteKey:
+    """What an earlier route claimed, to catch two routes that would take the same association."""
+
+    listener: str
+    called_ae: str
+    calling_aes: frozenset[str] | None
+    at: _At
+
+
+class _Loader:
+    """One pass over one rules file; accumulates errors and the names later checks refer to."""
+
+    def __init__(self, file: str, base_dir: Path) -> None:
+        self.file = file
+        self.base_dir = base_dir
+        self.errors: list[ConfigError] = []
+        # kind ("listener", "upstream", "peer", "route") -> name -> where it was defined. A kind
+        # is absent while its section is unusable, so references to it are not also reported.
+        self.names: dict[str, dict[str, _At]] = {}
+        self.route_keys: list[_RouteKey] = []
+        self._constructor = SafeConstructor()
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def error(self, at: _At, message: str, line: int | None = None) -> None:
+        self.errors.append(ConfigError(self.file, line or at.line, at.path, message))
+
+    def run(self, check: Check[T], at: _At) -> T:
+        """Apply a check, recording its message at ``at``; re-raise so the caller skips it."""
+        try:
+            return check(self, at)
+        except _Invalid as exc:
+            if exc.message:
+                self.error(at, exc.message)
+            raise _Invalid() from None
+
+    def claim(self, kind: str, name: str, at: _At, hint: str = "") -> None:
+        """Register a name that must be unique within its kind."""
+        seen = self.names.setdefault(kind, {})
+        if name in seen:
+            what = _NAME_OF_KIND.get(kind, f"{kind} name")
+            first = seen[name].line
+            self.error(at, f"duplicate {what} {name!r} (first used on line {first}){hint}")
+        else:
+            seen[name] = at
+
+    # -- the file ----------------------------------------------------------------------------
+
+    def load(self, text: bytes, source: Path) -> Config | None:
+        try:
+            root = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.MarkedYAMLError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            line = mark.line + 1 if mark else None
+            where = ""
+            if exc.context and exc.context_mark and exc.context_mark is not mark:
+                where = f" ({exc.context} on line {exc.context_mark.line + 1})"
+            self.errors.append(
+                ConfigError(self.file, line, "", f"YAML syntax error: {exc.problem}{where}")
+            )
+            return None
+        except yaml.YAMLError as exc:  # e.g. undecodable bytes: no line to point at
+            self.errors.append(ConfigError(self.file, None, "", f"not valid YAML: {exc}"))
+            return None
+        if root is None:
+            self.errors.append(
+                ConfigError(
+                    self.file,
+                    None,
+                    "",
+                    "the rules file is empty; it needs the sections listeners, upstreams, "
+                    "peers and routes (see rules/example.yaml)",
+                )
+            )
+            return None
+        try:
+            top = self.fields(_At(root, ""), _TOP, what="a mapping of sections")
+            top.require_ok()
+        except _Invalid as exc:
+            if exc.message:
+                self.error(_At(root, ""), exc.message)
+            return None
+        values = top.values
+        return Config(
+            source=source,
+            listeners=tuple(values["listeners"]),
+            upstreams=tuple(values["upstreams"]),
+            policy=Policy(peers=tuple(values["peers"]), routes=tuple(values["routes"])),
+            limits=values.get("limits", Limits()),
+        )
+
+    # -- structure ---------------------------------------------------------------------------
+
+    def pairs(self, at: _At, what: str = "a mapping") -> list[tuple[str, _At, _At]]:
+        """(key, key position, value position) of a mapping; rejects non-string and duplicate
+        keys here, since YAML itself would keep the last duplicate without a word."""
+        if not isinstance(at.node, MappingNode):
+            raise _Invalid(f"expected {what}, got {_kind(self, at)}")
+        seen: dict[str, int] = {}
+        result = []
+        for key_node, value_node in at.node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag != _STR_TAG:
+                self.error(at, _bad_key(key_node), line=key_node.start_mark.line + 1)
+                continue
+            key = key_node.value
+            key_at = at.child(key_node, key)
+            if key in seen:
+                self.error(key_at, f"duplicate key {key!r} (first given on line {seen[key]})")
+                continue
+            seen[key] = key_at.line
+            result.append((key, key_at, at.child(value_node, key)))
+        return result
+
+    def fields(
+        self, at: _At, schema: Schema, at_least_one: bool = False, what: str = "a mapping"
+    ) -> _Fields:
+        """Check a mapping against its schema. Never raises for a bad key or value (those are
+        recorded and clear ``ok``), so callers can still use the parts that were fine."""
+        found = _Fields()
+        for key, key_at, value_at in self.pairs(at, what):
+            if key in schema:
+                found.given[key] = value_at
+                continue
+            allowed = ", ".join(schema)
+            close = difflib.get_close_matches(key, schema, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            self.error(key_at, f"unknown key {key!r} (allowed: {allowed}){hint}")
+            found.ok = False
+        for key, (required, check) in schema.items():
+            if key in found.given:
+                try:
+                    found.values[key] = self.run(check, found.given[key])
+                except _Invalid:
+                    found.ok = False
+            elif required:
+                self.error(at, f"missing required key {key!r}")
+                found.ok = False
+        if at_least_one and not found.given and found.ok:
+            self.error(at, f"give at least one of {', '.join(schema)}")
+            found.ok = False
+        return found
+
+    def sequence(self, at: _At, non_empty: bool = True) -> list[_At]:
+        if not isinstance(at.node, SequenceNode):
+            raise _Invalid(f"expected a list, got {_kind(self, at)}")
+        if non_empty and not at.node.value:
+            raise _Invalid("expected a non-empty list")
+        return [at.item(node, i) for i, node in enumerate(at.node.value)]
+
+    def each(self, items: list[_At], check: Check[T]) -> list[T]:
+        """Check every item, reporting all bad ones before giving up on the list."""
+        values: list[T] = []
+        failed = False
+        for item in items:
+            try:
+                values.append(self.run(check, item))
+            except _Invalid:
+                failed = True
+        if failed:
+            raise _Invalid()
+        return values
+
+    def scalar(self, at: _At) -> object:
+        """The Python value YAML gives a scalar (str, int, float, bool, None, date, ...)."""
+        if not isinstance(at.node, ScalarNode):
+            return _NOT_SCALAR
+        try:
+            return self._constructor.construct_object(at.node)
+        except yaml.YAMLError:
+            raise _Invalid(f"unsupported YAML tag {at.node.tag!r}") from None
+
+
+_NAME_OF_KIND: Final = {"peer": "peer AE title"}
+_STR_TAG: Final = "tag:yaml.org,2002:str"
+_NOT_SCALAR: Final = object()
+
+
+def _bad_key(node: Node) -> str:
+    if node.tag == "tag:yaml.org,2002:merge":
+        return "YAML merge keys (<<) are not supported; write the keys out"
+    if isinstance(node, ScalarNode):
+        return f'key {node.value} must be a string; quote it: "{node.value}"'
+    return "keys must be plain strings, not a list or a mapping"
+
+
+def _kind(ld: _Loader, at: _At) -> str:
+    """Name what YAML made of a value, for "expected X, got Y" messages."""
+    node = at.node
+    if isinstance(node, SequenceNode):
+        return "a list"
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    value = ld.scalar(at)
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"a boolean ({node.value})"
+    if isinstance(value, int):
+        return f"an integer ({node.value})"
+    if isinstance(value, float):
+        return f"a number ({node.value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return f"a {type(value).__name__} ({node.value})"
+
+
+# -- scalar checks ---------------------------------------------------------------------------
+
+
+def _string(ld: _Loader, at: _At) -> str:
+    value = ld.scalar(at)
+    if isinstance(value, str):
+        if not value.strip():
+            raise _Invalid("must not be empty or only spaces")
+        return value
+    hint = f'; quote it: "{at.node.value}"' if ld.scalar(at) is not None else ""
+    raise _Invalid(f"expected a string, got {_kind(ld, at)}{hint}")
+
+
+def _quoted_hint(at: _At) -> str:
+    quoted = isinstance(at.node, ScalarNode) and at.node.style in ("'", '"')
+    return " (write it without quotes)" if quoted else ""
+
+
+def _boolean(ld: _Loader, at: _At) -> bool:
+    value = ld.scalar(at)
+    if isinstance(value, bool):
+        return value
+    raise _Invalid(f"expected true or false, got {_kind(ld, at)}{_quoted_hint(at)}")
+
+
+def _integer(ld: _Loader, at: _At) -> int:
+    value = ld.scalar(at)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise _Invalid(f"expected an integer, got {_kind(ld, at)}{_quoted_hint(at)}")
+
+
+def _int_in(low: int, high: int) -> Check[int]:
+    def check(ld: _Loader, at: _At) -> int:
+        value = _integer(ld, at)
+        if not low <= value <= high:
+            raise _Invalid(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return check
+
+
+def _seconds(high: float) -> Check[float]:
+    """A duration: any positive number up to ``high`` seconds (ints welcome, stored as float)."""
+
+    def check(ld: _Loader, at: _At) -> float:
+        value = ld.scalar(at)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise _Invalid(f"expected a number of seconds, got {_kind(ld, at)}{_quoted_hint(at)}")
+        if not 0 < value <= high:
+            raise _Invalid(f"must be more than 0 and at most {high:g} seconds, got {value}")
+        return float(value)
+
+    return check
+
+
+def _name(ld: _Loader, at: _At) -> str:
+    value = _string(ld, at)
+    if not _NAME.fullmatch(value):
+        raise _Invalid(f"invalid name {value!r}: use letters, digits, '_', '.' and '-'")
+    return value
+
+
+def _host(ld: _Loader, at: _At) -> str:
+    """An IP address or DNS name (no port)."""
+    value = _string(ld, at)
+    if _is_host(value):
+        return value
+    raise _Invalid(f"{value!r} is neither an IP address nor a valid host name")
+
+
+def _is_host(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        labels = text.removesuffix(".").split(".")
+        return len(text) <= 253 and all(_DNS_LABEL.fullmatch(label) for label in labels)
+
+
+def _port_number(text: str) -> int | None:
+    return int(text) if text.isascii() and text.isdigit() and 1 <= int(text) <= 65535 else None
+
+
+def _bind(ld: _Loader, at: _At) -> tuple[str, int]:
+    """``host:port``, with IPv6 in brackets (``[::]:104``) as in URLs (RFC 3986 §3.2.2)."""
+    value = _string(ld, at)
+    if value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+        try:
+            valid_host = sep != "" and ipaddress.ip_address(host).version == 6
+        except ValueError:
+            valid_host = False
+        if not valid_host:
+            raise _Invalid(f"expected [IPv6 address]:port, got {value!r}")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if ":" in host:
+            raise _Invalid(f"write IPv6 addresses in brackets, e.g. [::]:104, got {value!r}")
+        if not sep or not host:
+            raise _Invalid(f"expected host:port such as 0.0.0.0:11112, got {value!r}")
+        if not _is_host(host):
+            raise _Invalid(f"{host!r} is neither an IP address nor a valid host name")
+    port = _port_number(port_text)
+    if port is None:
+        raise _Invalid(f"port must be a number from 1 to 65535, got {port_text!r}")
+    return host, port
+
+
+def _file(ld: _Loader, at: _At) -> Path:
+    """A file the daemon will need: resolved against the rules file's directory, and opened now
+    so a missing or unreadable certificate stops the load, not the first TLS handshake."""
+    path = Path(os.path.normpath(ld.base_dir / _string(ld, at)))
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        raise _Invalid(f"file not found: {path}") from None
+    except OSError as exc:
+        raise _Invalid(f"cannot read {path}: {exc.strerror}") from None
+    return path
+
+
+def _tls_version(ld: _Loader, at: _At) -> str:
+    value = ld.scalar(at)
+    if isinstance(value, str) and value in _TLS_VERSIONS:
+        return _TLS_VERSIONS[value]
+    if isinstance(value, float):
+        raise _Invalid(
+            f'write the version in quotes, "{at.node.value}" (YAML reads {value} as a number)'
+        )
+    raise _Invalid(f'expected "1.2" or "1.3", got {_kind(ld, at)}')
+
+
+def _ae_title(ld: _Loader, at: _At) -> str:
+    """An AE title per PS3.5 §6.2 (VR AE): 1-16 characters of the default repertoire, no
+    backslash or control characters; leading and trailing spaces are not significant."""
+    title = _string(ld, at).strip(" ")
+    if len(title) > 16:
+        raise _Invalid(f"AE title {title!r} has {len(title)} characters; the maximum is 16")
+    if "\\" in title:
+        raise _Invalid(f"AE title {title!r} contains a backslash, which DICOM does not allow")
+    if not all(" " <= char <= "~" for char in title):
+        raise _Invalid(f"AE title {title!r} may only contain printable ASCII characters")
+    return title
+
+
+def _network(ld: _Loader, at: _At) -> IPNetwork:
+    text = _string(ld, at)
+    try:
+        return ipaddress.ip_network(text)
+    except ValueError:
+        pass
+    try:
+        meant = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise _Invalid(
+            f"{text!r} is not an IP network (expected e.g. 10.1.2.0/24, "
+            "2001:db8::/32 or a single address)"
+        ) from None
+    raise _Invalid(f"{text!r} has host bits set (did you mean {meant}?)")
+
+
+def _fingerprint(ld: _Loader, at: _At) -> str:
+    digits = _string(ld, at).replace(":", "").lower()
+    if not _HEX64.fullmatch(digits):
+        raise _Invalid("expected a SHA-256 fingerprint: 64 hex digits, colons optional")
+    return digits
+
+
+def _service(ld: _Loader, at: _At) -> str:
+    value = _string(ld, at)
+    if value in SERVICE_COMMANDS:
+        return value
+    hint = f"; did you mean {value.upper()!r}?" if value.upper() in SERVICE_COMMANDS else ""
+    raise _Invalid(f"unknown service {value!r} (one of {', '.join(SERVICE_COMMANDS)}){hint}")
+
+
+def _uid(kind: str) -> Check[str]:
+    def check(ld: _Loader, at: _At) -> str:
+        try:
+            return uids.resolve(_string(ld, at), kind)
+        except ValueError as exc:
+            raise _Invalid(str(exc)) from None
+
+    return check
+
+
+def _reference(kind: str) -> Check[str]:
+    """A name that must be defined in another section (checked only if that section parsed)."""
+    check_name = _ae_title if kind == "peer" else _string
+
+    def check(ld: _Loader, at: _At) -> str:
+        name = check_name(ld, at)
+        known = ld.names.get(kind)
+        if known is not None and name not in known:
+            defined = ", ".join(known) or "none"
+            raise _Invalid(f"{name!r} is not a defined {kind} (defined: {defined})")
+        return name
+
+    return check
+
+
+def _list_of(check: Check[T], non_empty: bool = True) -> Check[list[T]]:
+    def check_list(ld: _Loader, at: _At) -> list[T]:
+        return ld.each(ld.sequence(at, non_empty), check)
+
+    return check_list
+
+
+# -- sections --------------------------------------------------------------------------------
+
+
+def _server_tls(ld: _Loader, at: _At) -> ServerTLS | None:
+    if ld.scalar(at) is False:
+        return None
+    if ld.scalar(at) is True:
+        raise _Invalid("tls: true needs its files; give a mapping with cert, key and ca")
+    found = ld.fields(at, _SERVER_TLS, what="false or a mapping with cert, key and ca")
+    found.require_ok()
+    return ServerTLS(**found.values)
+
+
+def _client_tls(ld: _Loader, at: _At) -> ClientTLS | None:
+    if ld.scalar(at) is False:
+        return None
+    if ld.scalar(at) is True:
+        raise _Invalid("tls: true needs settings; give a mapping with at least ca")
+    found = ld.fields(at, _CLIENT_TLS, what="false or a mapping with at least ca")
+    if ("cert" in found.given) != ("key" in found.given):
+        ld.error(at, "give both cert and key (a client certificate), or neither")
+        found.ok = False
+    if "key_password_file" in found.given and "key" not in found.given:
+        ld.error(found.given["key_password_file"], "key_password_file needs a key")
+        found.ok = False
+    found.require_ok()
+    return ClientTLS(**found.values)
+
+
+def _listener(ld: _Loader, at: _At) -> Listener:
+    found = ld.fields(at, _LISTENER)
+    if "name" in found.values:
+        ld.claim("listener", found.values["name"], found.given["name"])
+    found.require_ok()
+    host, port = found.values["bind"]
+    return Listener(found.values["name"], host, port, found.values.get("tls"))
+
+
+def _listeners(ld: _Loader, at: _At) -> list[Listener]:
+    items = ld.sequence(at)
+    ld.names["listener"] = {}
+    return ld.each(items, _listener)
+
+
+def _upstreams(ld: _Loader, at: _At) -> list[Upstream]:
+    pairs = ld.pairs(at, "a mapping of upstream name to its settings")
+    if not at.node.value:
+        raise _Invalid("expected at least one upstream")
+    ld.names["upstream"] = {}
+    result: list[Upstream] = []
+    failed = False
+    for name, key_at, value_at in pairs:
+        try:
+            ld.run(_name, key_at)
+        except _Invalid:
+            failed = True
+            continue
+        ld.claim("upstream", name, key_at)
+        found = ld.fields(value_at, _UPSTREAM)
+        if found.ok:
+            values = found.values
+            result.append(Upstream(name, values["host"], values["port"], values.get("tls")))
+        failed = failed or not found.ok
+    if failed or len(pairs) != len(at.node.value):
+        raise _Invalid()
+    return result
+
+
+def _certificate(ld: _Loader, at: _At) -> CertificateIdentity:
+    found = ld.fields(at, _CERTIFICATE, at_least_one=True)
+    found.require_ok()
+    return CertificateIdentity(**found.values)
+
+
+def _peer(ld: _Loader, at: _At) -> Peer:
+    found = ld.fields(at, _PEER)
+    if "ae_title" in found.values:
+        ld.claim("peer", found.values["ae_title"], found.given["ae_title"])
+    found.require_ok()
+    values = found.values
+    return Peer(values["ae_title"], tuple(values["networks"]), values.get("certificate"))
+
+
+def _peers(ld: _Loader, at: _At) -> list[Peer]:
+    items = ld.sequence(at, non_empty=False)
+    ld.names["peer"] = {}
+    return ld.each(items, _peer)
+
+
+def _allow_rule(ld: _Loader, at: _At) -> AllowRule:
+    found = ld.fields(at, _ALLOW)
+    values = found.values
+    services = frozenset(values.get("services", ()))
+    if "move_destinations" in found.given and "services" in values and "C-MOVE" not in services:
+        ld.error(
+            found.given["move_destinations"],
+            "move_destinations only applies to C-MOVE, which this rule's services lack",
+        )
+        found.ok = False
+    found.require_ok()
+    return AllowRule(
+        services=services,
+        sop_classes=_frozen(values.get("sop_classes")),
+        transfer_syntaxes=_frozen(values.get("transfer_syntaxes")),
+        move_destinations=_frozen(values.get("move_destinations")),
+    )
+
+
+def _frozen(items: list[str] | None) -> frozenset[str] | None:
+    return None if items is None else frozenset(items)
+
+
+def _rewrite(ld: _Loader, at: _At) -> dict[str, str]:
+    found = ld.fields(at, _REWRITE, at_least_one=True)
+    found.require_ok()
+    return found.values
+
+
+def _route(ld: _Loader, at: _At) -> Route:
+    found = ld.fields(at, _ROUTE)
+    values = found.values
+    if "name" in values:
+        ld.claim("route", values["name"], found.given["name"])
+    found.require_ok()
+    listener, called_ae = values["listener"], values["called_ae"]
+    calling_aes = _frozen(values.get("calling_ae"))
+    distinct = _check_overlap(ld, _RouteKey(listener, called_ae, calling_aes, at))
+    name = values.get("name")
+    if name is None:
+        name = f"{listener}/{called_ae}"
+        if distinct:  # else the overlap is the problem to report, not the name
+            hint = "; routes for the same listener and called AE need a name each"
+            ld.claim("route", name, at, hint)
+    rewrite = values.get("rewrite", {})
+    return Route(
+        name=name,
+        listener=listener,
+        called_ae=called_ae,
+        upstream=values["upstream"],
+        allow=tuple(values["allow"]),
+        calling_aes=calling_aes,
+        upstream_called_ae=rewrite.get("called_ae"),
+        upstream_calling_ae=rewrite.get("calling_ae"),
+    )
+
+
+def _check_overlap(ld: _Loader, new: _RouteKey) -> bool:
+    """Refuse two routes that could take the same association: the policy takes the first
+    route whose calling_ae admits the caller, so the file's order would decide silently.
+
+    A route for every peer after more specific ones is a deliberate fallback and fine; before
+    them it hides them. Returns whether the new route is distinct from all earlier ones.
+    """
+    for old in ld.route_keys:
+        if (old.listener, old.called_ae) != (new.listener, new.called_ae):
+            continue
+        earlier = f"{old.at.path} (line {old.at.line})"
+        same = f"called AE {new.called_ae!r} on listener {new.listener!r}"
+        if old.calling_aes is None and new.calling_aes is None:
+            message = (
+                f"ambiguous route: {earlier} already takes every calling AE for {same}; "
+                "give the routes calling_ae lists that do not overlap"
+            )
+        elif old.calling_aes is None:
+            message = (
+                f"unreachable route: {earlier} already takes every calling AE for {same}; "
+                "move this more specific route above it"
+            )
+        elif new.calling_aes is None or not old.calling_aes & new.calling_aes:
+            continue
+        else:
+            shared = ", ".join(sorted(old.calling_aes & new.calling_aes))
+            message = f"ambiguous route: {earlier} already takes calling AE {shared} for {same}"
+        ld.error(new.at, message)
+        return False
+    ld.route_keys.append(new)
+    return True
+
+
+def _limits(ld: _Loader, at: _At) -> Limits:
+    found = ld.fields(at, _LIMITS)
+    found.require_ok()
+    return Limits(**found.values)
+
+
+_SERVER_TLS: Final[Schema] = {
+    "cert": (REQUIRED, _file),
+    "key": (REQUIRED, _file),
+    "ca": (REQUIRED, _file),
+    "crl": (OPTIONAL, _file),
+    "min_version": (OPTIONAL, _tls_version),
+    "key_password_file": (OPTIONAL, _file),
+}
+_CLIENT_TLS: Final[Schema] = {
+    "ca": (REQUIRED, _file),
+    "cert": (OPTIONAL, _file),
+    "key": (OPTIONAL, _file),
+    "server_name": (OPTIONAL, _host),
+    "verify_hostname": (OPTIONAL, _boolean),
+    "min_version": (OPTIONAL, _tls_version),
+    "key_password_file": (OPTIONAL, _file),
+}
+_LISTENER: Final[Schema] = {
+    "name": (REQUIRED, _name),
+    "bind": (REQUIRED, _bind),
+    "tls": (OPTIONAL, _server_tls),
+}
+_UPSTREAM: Final[Schema] = {
+    "host": (REQUIRED, _host),
+    "port": (REQUIRED, _int_in(1, 65535)),
+    "tls": (OPTIONAL, _client_tls),
+}
+_CERTIFICATE: Final[Schema] = {
+    "subject_cn": (OPTIONAL, _string),
+    "san_dns": (OPTIONAL, _string),
+    "san_uri": (OPTIONAL, _string),
+    "fingerprint_sha256": (OPTIONAL, _fingerprint),
+}
+_PEER: Final[Schema] = {
+    "ae_title": (REQUIRED, _ae_title),
+    "networks": (REQUIRED, _list_of(_network)),
+    "certificate": (OPTIONAL, _certificate),
+}
+_ALLOW: Final[Schema] = {
+    "services": (REQUIRED, _list_of(_service)),
+    "sop_classes": (OPTIONAL, _list_of(_uid("SOP Class"))),
+    "transfer_syntaxes": (OPTIONAL, _list_of(_uid("Transfer Syntax"))),
+    "move_destinations": (OPTIONAL, _list_of(_ae_title)),
+}
+_REWRITE: Final[Schema] = {
+    "called_ae": (OPTIONAL, _ae_title),
+    "calling_ae": (OPTIONAL, _ae_title),
+}
+_ROUTE: Final[Schema] = {
+    "name": (OPTIONAL, _name),
+    "listener": (REQUIRED, _reference("listener")),
+    "called_ae": (REQUIRED, _ae_title),
+    "upstream": (REQUIRED, _reference("upstream")),
+    "calling_ae": (OPTIONAL, _list_of(_reference("peer"))),
+    "rewrite": (OPTIONAL, _rewrite),
+    "allow": (REQUIRED, _list_of(_allow_rule)),
+}
+_LIMITS: Final[Schema] = {
+    "max_pdu_bytes": (OPTIONAL, _int_in(4096, 67_108_864)),
+    "artim_seconds": (OPTIONAL, _seconds(3600)),
+    "idle_seconds": (OPTIONAL, _seconds(86400)),
+    "connect_timeout_seconds": (OPTIONAL, _seconds(600)),
+    "tls_handshake_seconds": (OPTIONAL, _seconds(600)),
+}
+# Order matters: routes refer to listeners, upstreams and peers, so those are checked first.
+_TOP: Final[Schema] = {
+    "listeners": (REQUIRED, _listeners),
+    "upstreams": (REQUIRED, _upstreams),
+    "peers": (REQUIRED, _peers),
+    "routes": (REQUIRED, _list_of(_route)),
+    "limits": (OPTIONAL, _limits),
+}

@@ -1,0 +1,481 @@
+"""One association through the firewall, as a sans-IO state machine (PS3.8 §9.2 seen from a relay).
+
+Like h11's ``Connection`` or a mitmproxy layer: the relay feeds it what happened (bytes from a
+side, upstream connected or failed, a side closed, a timer fired) and it answers with commands
+(send these bytes to that side, connect the upstream, close a side) and events for audit and
+metrics. It never touches a socket or a clock, so every rule and every refusal is tested on bytes.
+
+States: AWAIT_RQ → (policy) → AWAIT_UPSTREAM → AWAIT_AC → ESTABLISHED → CLOSED. The firewall
+answers on its own only with refusals (A-ASSOCIATE-RJ, a failure *-RSP) or an A-ABORT: it never
+acknowledges anything the upstream did not.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+from typing import Final
+
+from dicomfw.core import acse, pdu
+from dicomfw.core.dimse import DimseCommand, encode_response
+from dicomfw.core.policy import (
+    C_CANCEL_RQ,
+    PC_ACCEPTANCE,
+    RJ_PERMANENT,
+    RJ_SOURCE_PRESENTATION,
+    RJ_SOURCE_USER,
+    RJ_TRANSIENT,
+    RJ_USER_NO_REASON,
+    SERVICE_BY_COMMAND,
+    Accept,
+    IPAddress,
+    Policy,
+    PresentedIdentity,
+    Refuse,
+    Reject,
+    Route,
+)
+from dicomfw.core.stream import Buffer, DataStream
+from dicomfw.errors import RemoteProtocolError
+
+_PENDING_STATUSES: Final = frozenset((0xFF00, 0xFF01))
+#: How much a requester may send before the association is up (it should send nothing).
+_MAX_EARLY_BYTES: Final = 65_536
+
+
+class Side(enum.Enum):
+    REQUESTER = "requester"  # the association requester (the peer that connected to us)
+    UPSTREAM = "upstream"  # the acceptor the route sends it to
+
+    @property
+    def other(self) -> Side:
+        return Side.UPSTREAM if self is Side.REQUESTER else Side.REQUESTER
+
+
+class State(enum.Enum):
+    AWAIT_RQ = "await_rq"
+    AWAIT_UPSTREAM = "await_upstream"
+    AWAIT_AC = "await_ac"
+    ESTABLISHED = "established"
+    CLOSED = "closed"
+
+
+# ---- commands: what the relay must do --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    side: Side
+    data: list[Buffer]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectUpstream:
+    upstream: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close a side once what was sent to it has been written."""
+
+    side: Side
+
+
+# ---- events: what happened, for logs, audit and metrics ----------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationRejected:
+    calling_ae: str
+    called_ae: str
+    result: int
+    source: int
+    reason: int
+    why: str
+    detail: str
+    by_upstream: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationAccepted:
+    """The upstream accepted; ``refused_contexts`` are (context ID, SOP class UID, why)."""
+
+    route: str
+    calling_ae: str
+    called_ae: str
+    accepted_contexts: int
+    refused_contexts: tuple[tuple[int, str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRefused:
+    service: str
+    sop_class: str
+    status: int
+    why: str
+    detail: str
+    message_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestCompleted:
+    """A request the upstream answered with a final (non-pending) status."""
+
+    service: str
+    sop_class: str
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class AssociationEnded:
+    """``how`` is 'released', 'aborted' or 'closed'; ``why`` is stable, ``detail`` human."""
+
+    how: str
+    why: str
+    detail: str = ""
+
+
+Event = (
+    AssociationRejected | AssociationAccepted | RequestRefused | RequestCompleted | AssociationEnded
+)
+Command = Send | ConnectUpstream | Close | Event
+
+
+class Session:
+    """The state machine for one association. Not thread-safe; one per connection."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        listener: str,
+        address: IPAddress,
+        identity: PresentedIdentity | None,
+        max_pdu_length: int,
+    ) -> None:
+        self.policy = policy
+        self.listener = listener
+        self.address = address
+        self.identity = identity
+        self.state = State.AWAIT_RQ
+        self.route: Route | None = None
+        self.calling_ae = ""
+        self.called_ae = ""
+        self._max_pdu = max_pdu_length
+        self._setup = pdu.PduBuffer(max_pdu_length)
+        self._early = bytearray()  # requester bytes that arrived before the association was up
+        self._rq: acse.AssociateRQ | None = None
+        self._upstream_rq = b""
+        self._refused_contexts: dict[int, int] = {}
+        self._refused_why: dict[int, str] = {}
+        self._abstract_syntax: dict[int, str] = {}
+        self._to_requester: DataStream | None = None
+        self._to_upstream: DataStream | None = None
+        self._outstanding: dict[int, tuple[str, str]] = {}
+        self._released = False
+        self._replies: list[Buffer] = []  # firewall-made PDUs for the requester, in order
+        self._events: list[Command] = []  # events raised while a stream is being fed
+
+    # ---- inputs --------------------------------------------------------------------------------
+
+    def receive(self, side: Side, data: bytes) -> list[Command]:
+        """Bytes arrived from ``side``."""
+        try:
+            if self.state is State.ESTABLISHED:
+                return self._data_phase(side, data)
+            if self.state is State.AWAIT_RQ and side is Side.REQUESTER:
+                return self._await_rq(data)
+            if self.state is State.AWAIT_AC and side is Side.UPSTREAM:
+                return self._await_ac(data)
+            if side is Side.REQUESTER and self.state in (State.AWAIT_UPSTREAM, State.AWAIT_AC):
+                self._early += data
+                if len(self._early) > _MAX_EARLY_BYTES:
+                    raise RemoteProtocolError("requester sent data before the A-ASSOCIATE-AC", 2)
+                return []
+            return []  # CLOSED: late bytes are dropped
+        except RemoteProtocolError as error:
+            return self._abort(side, error.abort_reason, f"{side.value}_protocol_error", str(error))
+
+    def upstream_connected(self) -> list[Command]:
+        if self.state is not State.AWAIT_UPSTREAM:
+            return [Close(Side.UPSTREAM)]
+        self.state = State.AWAIT_AC
+        self._setup = pdu.PduBuffer(self._max_pdu)
+        return [Send(Side.UPSTREAM, [self._upstream_rq])]
+
+    def upstream_failed(self, detail: str) -> list[Command]:
+        """The upstream could not be reached: a transient refusal the modality will retry."""
+        if self.state is not State.AWAIT_UPSTREAM:
+            return []
+        reject = Reject(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, 1, "upstream_unreachable", detail)
+        return self._reject(reject)
+
+    def connection_lost(self, side: Side) -> list[Command]:
+        """``side`` closed its connection (or it broke)."""
+        if self.state is State.CLOSED:
+            return []
+        previous = self.state
+        self.state = State.CLOSED
+        if previous in (State.AWAIT_RQ, State.AWAIT_UPSTREAM) or (
+            side is Side.UPSTREAM and (previous is State.AWAIT_AC)
+        ):
+            commands: list[Command] = [Close(Side.REQUESTER)]
+            if previous is State.AWAIT_AC:
+                commands.insert(0, Send(Side.REQUESTER, [pdu.abort()]))
+            if previous is not State.AWAIT_RQ:
+                commands.append(Close(Side.UPSTREAM))
+            return [*commands, AssociationEnded("closed", f"{side.value}_closed_during_setup")]
+        if self._released:
+            return [Close(side.other), AssociationEnded("released", "released")]
+        return [
+            Send(side.other, [pdu.abort()]),
+            Close(side.other),
+            AssociationEnded("aborted", f"{side.value}_connection_lost"),
+        ]
+
+    def timed_out(self, timer: str) -> list[Command]:
+        """A timer the relay runs for us expired: 'artim' (no A-ASSOCIATE-RQ) or 'idle'."""
+        if self.state is State.CLOSED:
+            return []
+        if self.state is State.AWAIT_RQ:
+            self.state = State.CLOSED  # PS3.8 §9.1.5: ARTIM expiry closes the transport
+            return [Close(Side.REQUESTER), AssociationEnded("closed", f"{timer}_timeout")]
+        return self._abort(None, 0, f"{timer}_timeout", f"no traffic within the {timer} timeout")
+
+    # ---- association set-up --------------------------------------------------------------------
+
+    def _await_rq(self, data: bytes) -> list[Command]:
+        pdus = self._setup.feed(data)
+        if not pdus:
+            return []
+        pdu_type, raw = pdus[0]
+        if pdu_type != pdu.A_ASSOCIATE_RQ:
+            raise RemoteProtocolError(
+                f"expected A-ASSOCIATE-RQ, got {pdu.PDU_NAMES[pdu_type]}", pdu.ABORT_UNEXPECTED_PDU
+            )
+        rq = acse.decode_rq(raw)
+        self._rq = rq
+        self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        decision = self.policy.decide_association(
+            self.listener, self.address, rq.calling_ae, rq.called_ae, self.identity
+        )
+        if isinstance(decision, Reject):
+            return self._reject(decision)
+        return self._propose_upstream(rq, decision, self._setup.take_rest())
+
+    def _propose_upstream(self, rq: acse.AssociateRQ, accept: Accept, rest: bytes) -> list[Command]:
+        route = accept.route
+        self.route = route
+        kept: list[acse.ProposedContext] = []
+        for context in rq.contexts:
+            self._abstract_syntax[context.context_id] = context.abstract_syntax
+            verdict = self.policy.filter_context(
+                route, context.context_id, context.abstract_syntax, context.transfer_syntaxes
+            )
+            if verdict.result == PC_ACCEPTANCE:
+                kept.append(acse.narrow(context, verdict.transfer_syntaxes))
+            else:
+                self._refused_contexts[context.context_id] = verdict.result
+                self._refused_why[context.context_id] = verdict.why
+        if not kept:
+            return self._reject(
+                Reject(
+                    RJ_PERMANENT,
+                    RJ_SOURCE_USER,
+                    RJ_USER_NO_REASON,
+                    "no_context_allowed",
+                    "no proposed presentation context is allowed on route " + repr(route.name),
+                )
+            )
+        upstream_rq = replace(
+            rq,
+            called_ae=route.upstream_called_ae or rq.called_ae,
+            calling_ae=route.upstream_calling_ae or rq.calling_ae,
+        )
+        self._upstream_rq = acse.encode_rq(upstream_rq, tuple(kept), self._max_pdu)
+        self._early += rest
+        self.state = State.AWAIT_UPSTREAM
+        return [ConnectUpstream(route.upstream)]
+
+    def _await_ac(self, data: bytes) -> list[Command]:
+        pdus = self._setup.feed(data)
+        if not pdus:
+            return []
+        pdu_type, raw = pdus[0]
+        assert self._rq is not None and self.route is not None
+        if pdu_type == pdu.A_ASSOCIATE_RJ:
+            result, source, reason = pdu.rj_fields(raw)
+            self.state = State.CLOSED
+            return [
+                Send(Side.REQUESTER, [raw]),
+                Close(Side.REQUESTER),
+                Close(Side.UPSTREAM),
+                AssociationRejected(
+                    self.calling_ae,
+                    self.called_ae,
+                    result,
+                    source,
+                    reason,
+                    "upstream_rejected",
+                    "the upstream rejected the association",
+                    True,
+                ),
+            ]
+        if pdu_type == pdu.A_ABORT:
+            self.state = State.CLOSED
+            return [
+                Send(Side.REQUESTER, [raw]),
+                Close(Side.REQUESTER),
+                Close(Side.UPSTREAM),
+                AssociationEnded("aborted", "upstream_aborted_setup"),
+            ]
+        if pdu_type != pdu.A_ASSOCIATE_AC:
+            raise RemoteProtocolError(
+                f"expected A-ASSOCIATE-AC, got {pdu.PDU_NAMES[pdu_type]}", pdu.ABORT_UNEXPECTED_PDU
+            )
+        ac = acse.decode_ac(raw)
+        offered = {c.context_id for c in self._rq.contexts} - set(self._refused_contexts)
+        answered = {c.context_id for c in ac.contexts}
+        if not answered <= offered:
+            raise RemoteProtocolError(
+                f"upstream answered presentation contexts it was not offered: "
+                f"{sorted(answered - offered)}",
+                pdu.ABORT_INVALID_PARAMETER,
+            )
+        accepted = frozenset(c.context_id for c in ac.contexts if c.result == PC_ACCEPTANCE)
+        self._to_upstream = DataStream(accepted, self._max_pdu, self._decide_request)
+        self._to_requester = DataStream(accepted, self._max_pdu, self._observe_upstream)
+        self.state = State.ESTABLISHED
+        ac_for_requester = acse.encode_ac_for_requester(
+            raw, ac, self._rq, self._refused_contexts, self._max_pdu
+        )
+        commands: list[Command] = [
+            Send(Side.REQUESTER, [ac_for_requester]),
+            AssociationAccepted(
+                self.route.name,
+                self.calling_ae,
+                self.called_ae,
+                len(accepted),
+                tuple(
+                    (cid, self._abstract_syntax[cid], self._refused_why[cid])
+                    for cid in sorted(self._refused_contexts)
+                ),
+            ),
+        ]
+        rest = self._setup.take_rest()
+        if rest:
+            commands += self._data_phase(Side.UPSTREAM, rest)
+        if self._early:
+            early, self._early = bytes(self._early), bytearray()
+            commands += self._data_phase(Side.REQUESTER, early)
+        return commands
+
+    def _reject(self, reject: Reject) -> list[Command]:
+        self.state = State.CLOSED
+        return [
+            Send(Side.REQUESTER, [pdu.associate_rj(reject.result, reject.source, reject.reason)]),
+            Close(Side.REQUESTER),
+            AssociationRejected(
+                self.calling_ae,
+                self.called_ae,
+                reject.result,
+                reject.source,
+                reject.reason,
+                reject.why,
+                reject.detail,
+            ),
+        ]
+
+    # ---- data phase ----------------------------------------------------------------------------
+
+    def _data_phase(self, side: Side, data: bytes) -> list[Command]:
+        stream = self._to_upstream if side is Side.REQUESTER else self._to_requester
+        assert stream is not None
+        self._events = []
+        forwarded = stream.feed(data)
+        commands: list[Command] = []
+        if forwarded:
+            commands.append(Send(side.other, forwarded))
+        if self._replies:
+            commands.append(Send(Side.REQUESTER, self._replies))
+            self._replies = []
+        commands += self._events
+        if stream.control_pdus:
+            commands += self._control(side, stream.control_pdus)
+            stream.control_pdus.clear()
+        return commands
+
+    def _control(self, side: Side, pdu_types: list[int]) -> list[Command]:
+        """React to release/abort PDUs that were just forwarded from ``side``."""
+        commands: list[Command] = []
+        for pdu_type in pdu_types:
+            if pdu_type == pdu.A_ABORT:
+                self.state = State.CLOSED
+                commands += [
+                    Close(Side.REQUESTER),
+                    Close(Side.UPSTREAM),
+                    AssociationEnded("aborted", f"{side.value}_aborted"),
+                ]
+                break
+            if pdu_type == pdu.A_RELEASE_RP:
+                self._released = True
+        return commands
+
+    def _decide_request(self, context_id: int, command: DimseCommand) -> bool:
+        """A command from the requester: a request policy must allow, or a reply passing."""
+        if command.is_response or command.command_field == C_CANCEL_RQ:
+            return True
+        assert self.route is not None
+        service = SERVICE_BY_COMMAND.get(command.command_field)
+        sop_class = command.sop_class or self._abstract_syntax.get(context_id, "")
+        if service is None:
+            decision: Refuse | None = Refuse(
+                0x0211, "unrecognized_operation", f"command 0x{command.command_field:04x}"
+            )
+        else:
+            verdict = self.policy.decide_request(
+                self.route, service, sop_class, command.move_destination
+            )
+            decision = verdict if isinstance(verdict, Refuse) else None
+        if decision is None:
+            if command.message_id is not None and service is not None:
+                self._outstanding[command.message_id] = (service, sop_class)
+            return True
+        assert self._to_requester is not None
+        response = encode_response(command, decision.status, decision.detail)
+        self._replies += self._to_requester.inject(
+            pdu.p_data_tf([pdu.pdv(context_id, 0x03, response)])
+        )
+        self._events.append(
+            RequestRefused(
+                service or f"0x{command.command_field:04x}",
+                sop_class,
+                decision.status,
+                decision.why,
+                decision.detail,
+                command.message_id,
+            )
+        )
+        return False
+
+    def _observe_upstream(self, context_id: int, command: DimseCommand) -> bool:
+        """A command from the upstream always passes; final responses complete a request."""
+        if command.is_response and command.status not in _PENDING_STATUSES:
+            done = self._outstanding.pop(command.message_id or 0, None)
+            if done is not None:
+                self._events.append(RequestCompleted(done[0], done[1], command.status or 0))
+        return True
+
+    # ---- failure -------------------------------------------------------------------------------
+
+    def _abort(self, culprit: Side | None, reason: int, why: str, detail: str) -> list[Command]:
+        """A-ABORT every side that is connected; ``culprit`` (if any) gets the PS3.8 reason."""
+        previous = self.state
+        self.state = State.CLOSED
+        commands: list[Command] = []
+        for side in (Side.REQUESTER, Side.UPSTREAM):
+            if side is Side.UPSTREAM and previous is State.AWAIT_UPSTREAM:
+                commands.append(Close(side))  # still connecting: nothing to abort yet
+            elif side is Side.REQUESTER or previous in (State.AWAIT_AC, State.ESTABLISHED):
+                side_reason = reason if side is culprit else pdu.ABORT_REASON_NOT_SPECIFIED
+                commands += [Send(side, [pdu.abort(reason=side_reason)]), Close(side)]
+        return [*commands, AssociationEnded("aborted", why, detail)]
