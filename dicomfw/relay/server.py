@@ -18,7 +18,7 @@ import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from dicomfw.config.model import Config, Listener
 from dicomfw.core.policy import IPAddress, PresentedIdentity
@@ -32,6 +32,7 @@ from dicomfw.core.session import (
     Side,
     State,
 )
+from dicomfw.logsetup import log_event
 from dicomfw.relay.tls import (
     ResumingClientContext,
     client_context,
@@ -80,6 +81,10 @@ class AssociationInfo:
     bytes_from_requester: int = 0
     bytes_from_upstream: int = 0
     tls_resumed_upstream: bool | None = None
+    calling_ae: str | None = None
+    called_ae: str | None = None
+    route: str | None = None
+    requests: int = 0  # requests the upstream answered with a final status
 
 
 Observer = Callable[[AssociationInfo, "Event | Refused"], None]
@@ -122,85 +127,40 @@ class _UpstreamProtocol(asyncio.Protocol):
 class Association(asyncio.Protocol):
     """One accepted connection: its session, both transports and its timers."""
 
-    def __init__(self, relay: Relay, listener: Listener) -> None:
+    def __init__(self, relay: Relay, listener: Listener, runtime: Runtime, info: AssociationInfo):
         self._relay = relay
-        self._runtime = relay.runtime  # the rules it started with, whatever reloads come later
+        self._runtime = runtime  # the rules it started with, whatever reloads come later
         self._listener = listener
         self._loop = asyncio.get_running_loop()
         self._transports: dict[Side, asyncio.Transport] = {}
         self._session: Session | None = None
-        self._early = bytearray()  # app data that arrived before the TLS set-up returned
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
-        self.info: AssociationInfo | None = None
+        self.info = info
 
     # ---- requester side (asyncio.Protocol) -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        host, port = transport.get_extra_info("peername")[:2]
-        address = ipaddress.ip_address(host)
-        self.info = AssociationInfo(self._listener.name, address, port)
-        if not self._runtime.config.policy.admits_source(address):
-            self._relay.notify(self.info, Refused("source_address_denied", f"{address}"))
-            transport.abort()
-            return
-        _nodelay(transport)
-        self._transports[Side.REQUESTER] = transport
+        """Called once TCP is up and, on a TLS listener, the handshake has verified the peer."""
+        self._transports[Side.REQUESTER] = cast(asyncio.Transport, transport)
         self._relay.associations.add(self)
-        if self._listener.tls is None:
-            self._begin(None)
-        else:
-            transport.pause_reading()
-            self._spawn(self._start_tls(transport))
-
-    async def _start_tls(self, transport: asyncio.Transport) -> None:
-        context = self._runtime.server_contexts[self._listener.name]
-        assert self.info is not None
-        try:
-            tls_transport = await self._loop.start_tls(
-                transport,
-                self,
-                context,
-                server_side=True,
-                ssl_handshake_timeout=self._runtime.config.limits.tls_handshake_seconds,
-            )
-        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as error:
-            self._relay.notify(self.info, Refused("tls_handshake_failed", _describe(error)))
-            transport.abort()
-            self._relay.associations.discard(self)
-            return
-        if tls_transport is None:  # the peer went away during the handshake
-            self._relay.associations.discard(self)
-            return
-        self._transports[Side.REQUESTER] = tls_transport
-        self.info.identity = presented_identity(tls_transport.get_extra_info("ssl_object"))
-        self._begin(self.info.identity)
-
-    def _begin(self, identity: PresentedIdentity | None) -> None:
-        assert self.info is not None
+        self.info.identity = presented_identity(transport.get_extra_info("ssl_object"))
         config = self._runtime.config
         self._session = Session(
             config.policy,
             self._listener.name,
             self.info.address,
-            identity,
+            self.info.identity,
             config.limits.max_pdu_bytes,
         )
         self._last_activity = self._loop.time()
         self._timer = self._loop.call_later(config.limits.artim_seconds, self._on_timer)
-        if self._early:
-            early, self._early = bytes(self._early), bytearray()
-            self.data_received(early)
 
     def data_received(self, data: bytes) -> None:
         session = self._session
-        if session is None:
-            self._early += data
-            return
+        assert session is not None
         self._last_activity = self._loop.time()
-        assert self.info is not None
         self.info.bytes_from_requester += len(data)
         self._execute(session.receive(Side.REQUESTER, data))
 
@@ -219,7 +179,7 @@ class Association(asyncio.Protocol):
     # ---- upstream side -------------------------------------------------------------------------
 
     def upstream_data(self, data: bytes) -> None:
-        assert self._session is not None and self.info is not None
+        assert self._session is not None
         self._last_activity = self._loop.time()
         self.info.bytes_from_upstream += len(data)
         self._execute(self._session.receive(Side.UPSTREAM, data))
@@ -231,7 +191,7 @@ class Association(asyncio.Protocol):
         server_hostname = None
         if context is not None and upstream.tls is not None:
             server_hostname = upstream.tls.server_name or upstream.host
-        assert self._session is not None and self.info is not None
+        assert self._session is not None
         try:
             transport, _ = await asyncio.wait_for(
                 self._loop.create_connection(
@@ -250,7 +210,6 @@ class Association(asyncio.Protocol):
         if self._session.state is State.CLOSED:
             transport.close()
             return
-        assert isinstance(transport, asyncio.Transport)
         self._transports[Side.UPSTREAM] = transport
         ssl_object = transport.get_extra_info("ssl_object")
         if context is not None and ssl_object is not None:
@@ -309,7 +268,11 @@ class Association(asyncio.Protocol):
                 assert isinstance(command, ConnectUpstream)
                 self._spawn(self._connect(command.upstream))
             else:
-                assert self.info is not None
+                assert self._session is not None
+                session = self._session
+                self.info.calling_ae = session.calling_ae or None
+                self.info.called_ae = session.called_ae or None
+                self.info.route = session.route.name if session.route else None
                 self._relay.notify(self.info, command)  # type: ignore[arg-type]
 
     def _on_timer(self) -> None:
@@ -345,6 +308,8 @@ class Association(asyncio.Protocol):
 
 
 def _describe(error: BaseException) -> str:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return f"{error.reason}: {error.verify_message}"
     if isinstance(error, ssl.SSLError):
         return error.reason or str(error)
     if isinstance(error, TimeoutError):
@@ -359,25 +324,81 @@ class Relay:
         self.runtime = runtime
         self.observers = list(observers)
         self.associations: set[Association] = set()
-        self._servers: list[asyncio.Server] = []
+        self._sockets: list[socket.socket] = []
+        self._accepting: list[asyncio.Task[None]] = []
+        self._handshakes: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Bind every listener. Accepting is ours (not ``create_server``'s) so that each
+        connection is checked against the source allowlist before a byte is read, and gets
+        the TLS context current at that moment: a reload needs no re-bind."""
         for listener in self.runtime.config.listeners:
-            server = await loop.create_server(
-                lambda listener=listener: Association(self, listener),  # type: ignore[misc]
-                listener.host,
-                listener.port,
-                reuse_address=True,
+            sock = socket.create_server(
+                (listener.host, listener.port),
+                family=socket.AF_INET6 if ":" in listener.host else socket.AF_INET,
                 backlog=1024,
+                reuse_port=False,
             )
-            self._servers.append(server)
+            sock.setblocking(False)
+            self._sockets.append(sock)
+            task = asyncio.get_running_loop().create_task(self._accept(listener, sock))
+            self._accepting.append(task)
+
+    async def _accept(self, listener: Listener, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, peer = await loop.sock_accept(sock)
+            except OSError as error:  # e.g. EMFILE: back off instead of spinning
+                log_event(
+                    log, logging.ERROR, "accept_failed", listener=listener.name, error=str(error)
+                )
+                await asyncio.sleep(0.5)
+                continue
+            self._admit(listener, connection, peer)
+
+    def _admit(self, listener: Listener, connection: socket.socket, peer: Any) -> None:
+        runtime = self.runtime
+        info = AssociationInfo(listener.name, ipaddress.ip_address(peer[0]), peer[1])
+        if not runtime.config.policy.admits_source(info.address):
+            self.notify(info, Refused("source_address_denied", str(info.address)))
+            connection.close()
+            return
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        context = runtime.server_contexts.get(listener.name)
+        task = asyncio.get_running_loop().create_task(
+            self._open(listener, runtime, info, connection, context)
+        )
+        self._handshakes.add(task)
+        task.add_done_callback(self._handshakes.discard)
+
+    async def _open(
+        self,
+        listener: Listener,
+        runtime: Runtime,
+        info: AssociationInfo,
+        connection: socket.socket,
+        context: ssl.SSLContext | None,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.connect_accepted_socket(
+                lambda: Association(self, listener, runtime, info),
+                connection,
+                ssl=context,
+                ssl_handshake_timeout=runtime.config.limits.tls_handshake_seconds
+                if context
+                else None,
+            )
+        except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as error:
+            self.notify(info, Refused("tls_handshake_failed", _describe(error)))
+            connection.close()
 
     def bound_ports(self) -> dict[str, int]:
         """Listener name -> the port it actually bound (useful with port 0 in tests)."""
         return {
-            listener.name: server.sockets[0].getsockname()[1]
-            for listener, server in zip(self.runtime.config.listeners, self._servers, strict=True)
+            listener.name: sock.getsockname()[1]
+            for listener, sock in zip(self.runtime.config.listeners, self._sockets, strict=True)
         }
 
     def swap(self, runtime: Runtime) -> None:
@@ -393,12 +414,12 @@ class Relay:
 
     async def stop(self, drain_seconds: float = 0.0) -> None:
         """Stop accepting; let open associations finish up to ``drain_seconds``; abort the rest."""
-        for server in self._servers:
-            server.close()
+        for task in self._accepting:
+            task.cancel()
+        for sock in self._sockets:
+            sock.close()
         deadline = time.monotonic() + drain_seconds
         while self.associations and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for association in list(self.associations):
             association.abort()
-        for server in self._servers:
-            await server.wait_closed()

@@ -1,0 +1,94 @@
+"""The log observer: one structured line per association outcome, refusal and rejection.
+
+It subscribes to the same events audit and metrics will, so the log never says something the
+firewall did not decide. Per-PDU activity is never logged (it would cost more than relaying).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from dicomfw.core.session import (
+    AssociationAccepted,
+    AssociationEnded,
+    AssociationRejected,
+    Event,
+    RequestCompleted,
+    RequestRefused,
+)
+from dicomfw.core.uids import name_of
+from dicomfw.logsetup import log_event
+from dicomfw.relay.server import AssociationInfo, Refused
+
+log = logging.getLogger("dicomfw.events")
+
+
+def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
+    """Write ``event`` for the association described by ``info`` as one logfmt line."""
+    where = {"listener": info.listener, "peer": f"{info.address}:{info.port}"}
+    if isinstance(event, Refused):
+        log_event(
+            log, logging.WARNING, "connection_refused", **where, why=event.why, detail=event.detail
+        )
+    elif isinstance(event, AssociationRejected):
+        log_event(
+            log,
+            logging.WARNING,
+            "association_rejected",
+            **where,
+            calling_ae=event.calling_ae,
+            called_ae=event.called_ae,
+            why=event.why,
+            result=event.result,
+            source=event.source,
+            reason=event.reason,
+            detail=event.detail,
+        )
+    elif isinstance(event, AssociationAccepted):
+        log_event(
+            log,
+            logging.INFO,
+            "association_accepted",
+            **where,
+            calling_ae=event.calling_ae,
+            called_ae=event.called_ae,
+            route=event.route,
+            contexts=event.accepted_contexts,
+            refused_contexts=",".join(
+                f"{name_of(uid)}:{why}" for _, uid, why in event.refused_contexts
+            )
+            or None,
+            tls_resumed_upstream=info.tls_resumed_upstream,
+        )
+    elif isinstance(event, RequestRefused):
+        log_event(
+            log,
+            logging.WARNING,
+            "request_refused",
+            **where,
+            calling_ae=info.calling_ae,
+            service=event.service,
+            sop_class=name_of(event.sop_class),
+            status=f"0x{event.status:04X}",
+            why=event.why,
+            detail=event.detail,
+        )
+    elif isinstance(event, AssociationEnded):
+        log_event(
+            log,
+            logging.INFO if event.how == "released" else logging.WARNING,
+            "association_ended",
+            **where,
+            calling_ae=info.calling_ae,
+            called_ae=info.called_ae,
+            how=event.how,
+            why=event.why,
+            detail=event.detail or None,
+            seconds=round(time.monotonic() - info.started, 3),
+            bytes_in=info.bytes_from_requester,
+            bytes_out=info.bytes_from_upstream,
+            requests=info.requests,
+        )
+    elif isinstance(event, RequestCompleted):
+        info.requests += 1
