@@ -433,9 +433,11 @@ def _bind(ld: _Loader, at: _At) -> tuple[str, int]:
             raise _Invalid(f"expected host:port such as 0.0.0.0:11112, got {value!r}")
         if not _is_host(host):
             raise _Invalid(f"{host!r} is neither an IP address nor a valid host name")
-    port = _port_number(port_text)
+    port = 0 if port_text == "0" else _port_number(port_text)
     if port is None:
-        raise _Invalid(f"port must be a number from 1 to 65535, got {port_text!r}")
+        raise _Invalid(
+            f"port must be a number from 1 to 65535 (or 0: any free port), got {port_text!r}"
+        )
     return host, port
 
 

@@ -260,7 +260,7 @@ class Session:
         )
         if isinstance(decision, Reject):
             return self._reject(decision)
-        return self._propose_upstream(rq, decision, self._setup.take_rest())
+        return self._propose_upstream(rq, decision, self._rest_after(pdus))
 
     def _propose_upstream(self, rq: acse.AssociateRQ, accept: Accept, rest: bytes) -> list[Command]:
         route = accept.route
@@ -361,13 +361,17 @@ class Session:
                 ),
             ),
         ]
-        rest = self._setup.take_rest()
+        rest = self._rest_after(pdus)
         if rest:
             commands += self._data_phase(Side.UPSTREAM, rest)
         if self._early:
             early, self._early = bytes(self._early), bytearray()
             commands += self._data_phase(Side.REQUESTER, early)
         return commands
+
+    def _rest_after(self, pdus: list[tuple[int, bytes]]) -> bytes:
+        """What followed the set-up PDU in the same reads: more whole PDUs, then a partial one."""
+        return b"".join(raw for _, raw in pdus[1:]) + self._setup.take_rest()
 
     def _reject(self, reject: Reject) -> list[Command]:
         self.state = State.CLOSED

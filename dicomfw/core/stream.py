@@ -60,11 +60,12 @@ class DataStream:
 
     __slots__ = (
         "_command",
+        "_command_size",
         "_context",
         "_contexts",
         "_decide",
         "_drop",
-        "_held_groups",
+        "_held",
         "_inject",
         "_left",
         "_max_length",
@@ -85,13 +86,21 @@ class DataStream:
         self._state = _Message.IDLE
         self._context = 0
         self._command = bytearray()
-        self._held_groups: list[list[memoryview]] = []
+        self._command_size = 0  # wire bytes of the command's PDVs, headers included
+        #: PDUs held while their command is incomplete: (PDU, PDVs that pass whatever the
+        #: decision, PDVs of the command, number of PDVs in the PDU).
+        self._held: list[tuple[memoryview, list[memoryview], list[memoryview], int]] = []
         self._inject: list[bytes] = []
         #: Types of the release/abort PDUs forwarded so far, for the session to act on.
         self.control_pdus: list[int] = []
 
     @property
     def at_message_boundary(self) -> bool:
+        """Between two messages in what was forwarded so far.
+
+        A PDU buffered while idle has not been forwarded at all (only a data-set PDU goes out
+        before it is complete), so it does not keep an injected PDU waiting.
+        """
         return self._state is _Message.IDLE and not self._left and self._partial is None
 
     def inject(self, pdu: bytes) -> list[Buffer]:
@@ -245,7 +254,12 @@ class DataStream:
             self._inject.clear()
 
     def _whole_pdu(self, pdu: memoryview, out: list[Buffer]) -> None:
-        """Slow path: a complete PDU that is not a lone data-set PDV of a known message."""
+        """Slow path: a complete PDU that is not a lone data-set PDV of a known message.
+
+        The PDU leaves as received once the fate of all its PDVs is known, and is re-framed only
+        when some of them are swallowed. While a command is incomplete, its PDUs are held (they
+        may also carry the end of the previous message, which then waits with them).
+        """
         pdu_type = pdu[0]
         if pdu_type != P_DATA_TF:
             # Release and abort pass in order; the session acts on them after forwarding.
@@ -258,10 +272,13 @@ class DataStream:
             out.append(pdu)
             self.control_pdus.append(pdu_type)
             return
-        group: list[memoryview] = []  # PDVs of this PDU to forward together
+        kept: list[memoryview] = []  # PDVs of this PDU that pass
+        command: list[memoryview] = []  # PDVs of this PDU of a command not yet complete
         pdvs_seen = 0
         pos = HEADER_SIZE
         end = len(pdu)
+        if pos == end:
+            raise RemoteProtocolError("P-DATA-TF without a PDV", ABORT_INVALID_PARAMETER)
         while pos < end:
             if end - pos < 6:
                 raise RemoteProtocolError("truncated PDV header", ABORT_INVALID_PARAMETER)
@@ -279,7 +296,12 @@ class DataStream:
             item = pdu[pos:pdv_end]
             pdvs_seen += 1
             if control & _COMMAND:
-                self._command_fragment(context, control, pdu[pos + 6 : pdv_end], item, group, out)
+                command.append(item)
+                forward = self._command_fragment(context, control, pdu[pos + 6 : pdv_end], out)
+                if forward is not None:
+                    if forward:
+                        kept += command
+                    command = []
             else:
                 if self._state is not _Message.DATA_SET or context != self._context:
                     raise RemoteProtocolError(
@@ -288,53 +310,51 @@ class DataStream:
                 if control & _LAST:
                     self._state = _Message.IDLE
                 if not self._drop:
-                    group.append(item)
+                    kept.append(item)
             pos = pdv_end
         if self._state is _Message.COMMAND:
-            self._held_groups.append(group)
-        elif group:
-            out.append(pdu if len(group) == pdvs_seen else _frame(group))
+            self._held.append((pdu, kept, command, pdvs_seen))
+            return
+        if kept:
+            out.append(pdu if len(kept) == pdvs_seen else _frame(kept))
         self._flush_injected(out)
 
     def _command_fragment(
-        self,
-        context: int,
-        control: int,
-        fragment: memoryview,
-        item: memoryview,
-        group: list[memoryview],
-        out: list[Buffer],
-    ) -> None:
+        self, context: int, control: int, fragment: memoryview, out: list[Buffer]
+    ) -> bool | None:
+        """Collect a command fragment; once the command is complete, decide and return whether
+        it passes (``None`` before that), sending the PDUs held for it ahead of the current one.
+        """
         if self._state is _Message.DATA_SET:
             raise RemoteProtocolError(
                 "command PDV before the previous data set ended", ABORT_UNEXPECTED_PARAMETER
             )
         if self._state is _Message.IDLE:
-            if group:  # earlier PDVs of this PDU belong to a finished message: send them now
-                out.append(_frame(group))
-                group.clear()
             self._state = _Message.COMMAND
             self._context = context
             self._command.clear()
+            self._command_size = 0
         elif context != self._context:
             raise RemoteProtocolError(
                 "command fragments on two presentation contexts", ABORT_UNEXPECTED_PARAMETER
             )
         self._command += fragment
-        if len(self._command) > MAX_COMMAND_BYTES:
+        # Count the PDV headers too, so empty fragments cannot make the held PDUs grow unbounded.
+        self._command_size += 6 + len(fragment)
+        if self._command_size > MAX_COMMAND_BYTES:
             raise RemoteProtocolError("DIMSE command set too large", ABORT_INVALID_PARAMETER)
-        group.append(item)
         if not control & _LAST:
-            return
+            return None
         command = decode_command(self._command)
         forward = self._decide(context, command)
-        held = [*self._held_groups, list(group)]
-        self._held_groups.clear()
-        group.clear()
-        if forward:
-            out.extend(_frame(g) for g in held if g)
+        for held, held_kept, held_command, pdvs_seen in self._held:
+            passing = held_kept + held_command if forward else held_kept
+            if passing:
+                out.append(held if len(passing) == pdvs_seen else _frame(passing))
+        self._held.clear()
         self._drop = not forward
         self._state = _Message.DATA_SET if command.has_data_set else _Message.IDLE
+        return forward
 
 
 def _frame(pdvs: list[memoryview]) -> bytes:
