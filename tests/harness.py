@@ -469,3 +469,14 @@ def read_until_closed(sock: socket.socket) -> bytes:
             break
         answer += chunk
     return bytes(answer)
+
+
+def first_pdu(port: int, data: bytes) -> bytes:
+    """Send ``data`` and return the first whole PDU of the answer (b"" if closed first)."""
+    with socket.create_connection(("127.0.0.1", port), WAIT) as sock:
+        sock.settimeout(WAIT)
+        sock.sendall(data)
+        header = sock.recv(6, socket.MSG_WAITALL)
+        if len(header) < 6:
+            return b""
+        return header + sock.recv(int.from_bytes(header[2:], "big"), socket.MSG_WAITALL)
