@@ -101,7 +101,7 @@ class DataStream:
         A PDU buffered while idle has not been forwarded at all (only a data-set PDU goes out
         before it is complete), so it does not keep an injected PDU waiting.
         """
-        return self._state is _Message.IDLE and not self._left and self._partial is None
+        return self._state is _Message.IDLE and not self._left
 
     def inject(self, pdu: bytes) -> list[Buffer]:
         """Send a PDU of our own in this direction, at the next message boundary.

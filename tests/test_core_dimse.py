@@ -1,0 +1,207 @@
+"""DIMSE command sets: decoding what pynetdicom/pydicom encode, encoding refusals pydicom reads."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicomfw.core.dimse import DimseCommand, decode_command, encode_response
+from dicomfw.core.pdu import ABORT_INVALID_PARAMETER
+from dicomfw.errors import RemoteProtocolError
+from tests.corehelpers import (
+    CT,
+    STORAGE_COMMITMENT,
+    STORAGE_COMMITMENT_INSTANCE,
+    STUDY_FIND,
+    STUDY_MOVE,
+    VERIFICATION,
+    c_echo_rq,
+    c_echo_rsp,
+    c_find_rq,
+    c_find_rsp,
+    c_move_rq,
+    c_move_rsp,
+    c_store_rq,
+    c_store_rsp,
+    decoded_command,
+    implicit_le,
+    n_action_rq,
+)
+
+INSTANCE = "1.2.826.0.1.3680043.8.498.1"
+
+# (command set, expected decode): requests and responses as pynetdicom encodes them.
+PYNETDICOM_COMMANDS: dict[str, tuple[bytes, DimseCommand]] = {
+    "C-ECHO-RQ": (c_echo_rq(1), DimseCommand(0x0030, 1, VERIFICATION, "", None, False, None)),
+    "C-ECHO-RSP": (c_echo_rsp(1), DimseCommand(0x8030, 1, VERIFICATION, "", None, False, 0)),
+    "C-STORE-RQ": (c_store_rq(7, CT, INSTANCE), DimseCommand(1, 7, CT, INSTANCE, None, True, None)),
+    "C-STORE-RSP warning": (
+        c_store_rsp(7, 0xB000, CT, INSTANCE),
+        DimseCommand(0x8001, 7, CT, INSTANCE, None, False, 0xB000),
+    ),
+    "C-FIND-RQ": (c_find_rq(65535), DimseCommand(0x0020, 65535, STUDY_FIND, "", None, True, None)),
+    "C-FIND-RSP pending": (
+        c_find_rsp(9, 0xFF00),
+        DimseCommand(0x8020, 9, STUDY_FIND, "", None, True, 0xFF00),
+    ),
+    "C-FIND-RSP final": (
+        c_find_rsp(9, 0x0000),
+        DimseCommand(0x8020, 9, STUDY_FIND, "", None, False, 0),
+    ),
+    "C-MOVE-RQ": (
+        c_move_rq(3, "WS1"),
+        DimseCommand(0x0021, 3, STUDY_MOVE, "", "WS1", True, None),
+    ),
+    "C-MOVE-RSP": (
+        c_move_rsp(3, 0xA801),
+        DimseCommand(0x8021, 3, STUDY_MOVE, "", None, False, 0xA801),
+    ),
+    "N-ACTION-RQ": (
+        n_action_rq(4),
+        DimseCommand(0x0130, 4, STORAGE_COMMITMENT, STORAGE_COMMITMENT_INSTANCE, None, True, None),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", PYNETDICOM_COMMANDS)
+def test_command_encoded_by_pynetdicom_decodes_to_its_fields(name: str) -> None:
+    encoded, expected = PYNETDICOM_COMMANDS[name]
+    assert decode_command(encoded) == expected
+    assert decode_command(bytearray(encoded)) == expected
+
+
+def pydicom_command(**elements: object) -> bytes:
+    """A command set from pydicom keywords, with a correct CommandGroupLength first."""
+    command = Dataset()
+    for keyword, value in elements.items():
+        setattr(command, keyword, value)
+    command.CommandGroupLength = len(implicit_le(command))
+    return implicit_le(command)
+
+
+def test_move_destination_padding_and_odd_uid_padding_are_not_significant() -> None:
+    encoded = pydicom_command(
+        AffectedSOPClassUID=STUDY_MOVE,  # odd length: pydicom pads it with a NUL
+        CommandField=0x0021,
+        MessageID=12,
+        Priority=0,
+        CommandDataSetType=0x0000,
+        MoveDestination="WS1 ",
+    )
+    command = decode_command(encoded)
+    assert (command.sop_class, command.move_destination) == (STUDY_MOVE, "WS1")
+    assert command.has_data_set
+
+
+def test_c_cancel_has_no_message_id_of_its_own() -> None:
+    encoded = pydicom_command(
+        CommandField=0x0FFF, MessageIDBeingRespondedTo=5, CommandDataSetType=0x0101
+    )
+    command = decode_command(encoded)
+    assert (command.command_field, command.message_id, command.is_response) == (0x0FFF, None, False)
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0x0000, element, len(value)) + value
+
+
+MALFORMED_COMMANDS: dict[str, tuple[bytes, str]] = {
+    "truncated element header": (c_echo_rq(1) + b"\x00\x00\x00", "truncated"),
+    "element outside group 0000": (
+        c_echo_rq(1) + struct.pack("<HHL", 0x0008, 0x0016, 2) + b"1\x00",
+        "(0008,0016)",
+    ),
+    "value overrunning the command set": (
+        c_echo_rq(1) + struct.pack("<HHL", 0x0000, 0x0902, 40) + b"short",
+        "(0000,0902)",
+    ),
+    "CommandField of 4 bytes": (_element(0x0100, b"\x30\x00\x00\x00"), "must be 2 bytes"),
+    "no CommandField": (_element(0x0110, b"\x01\x00"), "without CommandField"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED_COMMANDS)
+def test_malformed_command_set_is_a_remote_protocol_error(case: str) -> None:
+    encoded, message = MALFORMED_COMMANDS[case]
+    with pytest.raises(RemoteProtocolError, match=message) as raised:
+        decode_command(encoded)
+    assert raised.value.abort_reason == ABORT_INVALID_PARAMETER
+
+
+# ---- refusal responses ---------------------------------------------------------------------------
+
+
+def _elements(encoded: bytes) -> list[tuple[int, bytes]]:
+    found = []
+    pos = 0
+    while pos < len(encoded):
+        group, element, length = struct.unpack_from("<HHL", encoded, pos)
+        assert group == 0x0000
+        found.append((element, encoded[pos + 8 : pos + 8 + length]))
+        pos += 8 + length
+    assert pos == len(encoded)
+    return found
+
+
+def assert_well_formed(encoded: bytes) -> None:
+    """Even-length values, ascending tags, and a CommandGroupLength that counts the rest."""
+    elements = _elements(encoded)
+    assert all(len(value) % 2 == 0 for _, value in elements)
+    tags = [tag for tag, _ in elements]
+    assert tags == sorted(tags) and tags[0] == 0x0000
+    assert struct.unpack("<L", elements[0][1])[0] == len(encoded) - 12
+
+
+def test_c_store_refusal_answers_the_request_as_pydicom_reads_it() -> None:
+    request = decode_command(c_store_rq(7, CT, INSTANCE))
+    encoded = encode_response(request, 0x0124, "C-STORE of CT is not allowed on route 'pacs'")
+
+    assert_well_formed(encoded)
+    response = decoded_command(encoded)
+    assert response.CommandField == 0x8001
+    assert response.MessageIDBeingRespondedTo == 7
+    assert response.Status == 0x0124
+    assert response.AffectedSOPClassUID == CT
+    assert response.AffectedSOPInstanceUID == INSTANCE
+    assert response.CommandDataSetType == 0x0101
+    assert response.ErrorComment == "C-STORE of CT is not allowed on route 'pacs'"
+    assert response.CommandGroupLength == len(encoded) - 12
+    assert "MessageID" not in response
+
+
+def test_c_find_refusal_has_no_sop_instance_and_decodes_back_as_a_final_response() -> None:
+    request = decode_command(c_find_rq(42))
+    encoded = encode_response(request, 0x0124)
+
+    assert_well_formed(encoded)
+    response = decoded_command(encoded)
+    assert (response.CommandField, response.Status) == (0x8020, 0x0124)
+    assert "AffectedSOPInstanceUID" not in response
+    assert "ErrorComment" not in response
+    assert decode_command(encoded) == DimseCommand(0x8020, 42, STUDY_FIND, "", None, False, 0x0124)
+
+
+def test_c_move_refusal_with_move_destination_unknown() -> None:
+    encoded = encode_response(decode_command(c_move_rq(3, "EVIL")), 0xA801, "unknown WS")
+    assert_well_formed(encoded)
+    response = decoded_command(encoded)
+    assert (response.CommandField, response.MessageIDBeingRespondedTo) == (0x8021, 3)
+    assert (response.Status, response.AffectedSOPClassUID) == (0xA801, STUDY_MOVE)
+
+
+def test_n_action_refusal_names_the_requested_sop_as_affected() -> None:
+    encoded = encode_response(decode_command(n_action_rq(4)), 0x0124)
+    assert_well_formed(encoded)
+    response = decoded_command(encoded)
+    assert response.CommandField == 0x8130
+    assert response.AffectedSOPClassUID == STORAGE_COMMITMENT
+    assert response.AffectedSOPInstanceUID == STORAGE_COMMITMENT_INSTANCE
+
+
+def test_long_error_comment_is_cut_to_64_characters_of_even_length() -> None:
+    request = decode_command(c_echo_rq(1))
+    encoded = encode_response(request, 0x0124, "x" * 63 + "yyyy")
+    assert_well_formed(encoded)
+    assert decoded_command(encoded).ErrorComment == "x" * 63 + "y"
