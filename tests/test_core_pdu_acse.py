@@ -456,6 +456,14 @@ def test_ac_for_requester_keeps_the_upstreams_own_refusals() -> None:
     assert user_information.maximum_length == 16_384  # below the cap: unchanged
 
 
+def test_a_context_the_upstream_left_unanswered_comes_back_as_no_reason() -> None:
+    rq = acse.decode_rq(full_rq())
+    upstream_ac = associate_ac("CT01", "PACS", [(1, 0, IMPLICIT_LE), (5, 0, IMPLICIT_LE)])
+    ac = acse.encode_ac_for_requester(upstream_ac, acse.decode_ac(upstream_ac), rq, {}, CAP)
+    results = decoded_ac(ac).to_primitive().presentation_context_definition_results_list
+    assert [(c.context_id, c.result) for c in results] == [(1, 0), (3, 2), (5, 0)]
+
+
 def test_decode_ac_reads_context_results() -> None:
     raw = associate_ac("CT01", "PACS", [(1, 0, IMPLICIT_LE), (3, 3, IMPLICIT_LE)])
     ac = acse.decode_ac(raw)

@@ -32,6 +32,7 @@ ITEM_ABSTRACT_SYNTAX: Final = 0x30
 ITEM_TRANSFER_SYNTAX: Final = 0x40
 ITEM_USER_INFORMATION: Final = 0x50
 SUBITEM_MAXIMUM_LENGTH: Final = 0x51
+PC_NO_REASON: Final = 2  # presentation context result "no-reason (provider rejection)"
 
 _ITEM_HEADER: Final = struct.Struct(">BxH")
 _FIXED: Final = struct.Struct(">HH16s16s32s")  # version, reserved, called, calling, reserved
@@ -315,18 +316,21 @@ def encode_ac_for_requester(
     9-18), in the order the requester proposed them, so the requester sees a standard AC with
     one result per proposed context. AE fields echo the requester's own values (PS3.8 Table
     9-17 says they are returned as received), which matters when the firewall rewrote them.
+    A context the upstream left out of its answer comes back as 2 no-reason (provider
+    rejection), so it is never silently missing either.
     """
-    upstream_results = {c.context_id: c for c in ac.contexts}
     context_items = []
     raw_by_id = _raw_ac_context_items(ac_pdu)
     for proposed in rq.contexts:
-        if proposed.context_id in refused:
-            value = bytes((proposed.context_id, 0, refused[proposed.context_id], 0)) + _item(
-                ITEM_TRANSFER_SYNTAX, proposed.transfer_syntaxes[0].encode("ascii")
-            )
-            context_items.append(_item(ITEM_PRESENTATION_CONTEXT_AC, value))
-        elif proposed.context_id in upstream_results:
-            context_items.append(raw_by_id[proposed.context_id])
+        upstream_item = raw_by_id.get(proposed.context_id)
+        if upstream_item is not None and proposed.context_id not in refused:
+            context_items.append(upstream_item)
+            continue
+        result = refused.get(proposed.context_id, PC_NO_REASON)
+        value = bytes((proposed.context_id, 0, result, 0)) + _item(
+            ITEM_TRANSFER_SYNTAX, proposed.transfer_syntaxes[0].encode("ascii")
+        )
+        context_items.append(_item(ITEM_PRESENTATION_CONTEXT_AC, value))
     body = (
         struct.pack(">HH", ac.protocol_version, 0)
         + encode_ae_title(rq.called_ae)

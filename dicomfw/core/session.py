@@ -445,7 +445,9 @@ class Session:
                 self._outstanding[command.message_id] = (service, sop_class)
             return True
         assert self._to_requester is not None
-        response = encode_response(command, decision.status, decision.detail)
+        # The Error Comment tells the modality's operator it was the firewall, without
+        # revealing rule names to whoever is on the other end.
+        response = encode_response(command, decision.status, f"dicomfw: {decision.why}")
         self._replies += self._to_requester.inject(
             pdu.p_data_tf([pdu.pdv(context_id, 0x03, response)])
         )
