@@ -480,3 +480,53 @@ def first_pdu(port: int, data: bytes) -> bytes:
         if len(header) < 6:
             return b""
         return header + sock.recv(int.from_bytes(header[2:], "big"), socket.MSG_WAITALL)
+
+
+@contextlib.contextmanager
+def slow_tcp_proxy(target_port: int, bytes_per_second: int) -> Iterator[int]:
+    """A one-connection TCP proxy that reads from its client no faster than
+    ``bytes_per_second``: an upstream that cannot keep up, to make backpressure visible."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(WAIT)
+    stop = threading.Event()
+
+    def pump(source: socket.socket, sink: socket.socket, chunk: int, pause: float) -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                data = source.recv(chunk)
+                if not data:
+                    break
+                sink.sendall(data)
+                if pause:
+                    time.sleep(pause)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            client, _ = listener.accept()
+            upstream = socket.create_connection(("127.0.0.1", target_port), WAIT)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            threads = [
+                threading.Thread(
+                    target=pump,
+                    args=(client, upstream, 16384, 16384 / bytes_per_second),
+                    daemon=True,
+                ),
+                threading.Thread(target=pump, args=(upstream, client, 65536, 0), daemon=True),
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+            client.close()
+            upstream.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stop.set()
+        listener.close()
+        server.join(WAIT)

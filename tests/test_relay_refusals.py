@@ -238,9 +238,10 @@ def test_an_unreachable_upstream_gives_a_transient_rejection(tmp_path: Path, pki
 def test_the_requester_is_aborted_when_the_upstream_drops_mid_association(
     tmp_path: Path, pki: Pki
 ) -> None:
-    with running_scp(drop_on_echo=True) as pacs, running_firewall(
-        tmp_path, rules(pki, pacs.port, upstream_tls=False)
-    ) as firewall:
+    with (
+        running_scp(drop_on_echo=True) as pacs,
+        running_firewall(tmp_path, rules(pki, pacs.port, upstream_tls=False)) as firewall,
+    ):
         association = scu("CT01").associate("127.0.0.1", firewall.port("front"), ae_title="PACS")
         assert association.is_established
         status = association.send_c_echo()  # the PACS drops the connection instead

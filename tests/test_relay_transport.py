@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -13,6 +15,7 @@ from tests.harness import (
     CT,
     GET,
     VERIFICATION,
+    WAIT,
     Pki,
     client_context,
     ct_image,
@@ -25,6 +28,7 @@ from tests.harness import (
     running_scp,
     scu,
     server_context,
+    slow_tcp_proxy,
 )
 
 
@@ -204,3 +208,38 @@ def test_called_ae_is_rewritten_toward_the_upstream(tmp_path: Path, pki: Pki) ->
         assert association.send_c_echo().Status == 0x0000
         association.release()
     assert pacs.requests == ["C-ECHO"]
+
+
+def test_a_slow_upstream_pauses_the_sender_instead_of_filling_memory(
+    tmp_path: Path, pki: Pki
+) -> None:
+    image = ct_image(seed=11, pixel_bytes=24_000_000)
+    peak = 0
+    with (
+        running_scp() as pacs,
+        slow_tcp_proxy(pacs.port, bytes_per_second=12_000_000) as slow_port,
+        running_firewall(tmp_path, rules(pki, slow_port, upstream_tls=False)) as firewall,
+    ):
+        association = scu("CT01").associate("127.0.0.1", firewall.port("front"), ae_title="PACS")
+        assert association.is_established
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                sizes = firewall.call(
+                    lambda: [a.buffered_bytes() for a in firewall.relay.associations]  # type: ignore[union-attr]
+                )
+                peak = max([peak, *sizes])
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        status = association.send_c_store(image).Status
+        done.set()
+        sampler.join(WAIT)
+        association.release()
+    assert status == 0x0000
+    assert pacs.stored == [encoded(image)]
+    # asyncio's default high-water mark is 64 KiB; one read (256 KiB) may land on top of it.
+    assert 0 < peak <= 1_048_576, peak

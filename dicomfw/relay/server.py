@@ -240,6 +240,10 @@ class Association(asyncio.Protocol):
         if context is not None and ssl_object is not None:
             context.remember(ssl_object)
 
+    def buffered_bytes(self) -> int:
+        """Bytes waiting in our write buffers, both sides: what backpressure keeps bounded."""
+        return sum(t.get_write_buffer_size() for t in self._transports.values())
+
     def pause_reading(self, side: Side) -> None:
         transport = self._transports.get(side)
         if transport is not None and transport.is_reading():
