@@ -25,6 +25,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from dicomfw import daemon
 
     logsetup.setup(args.log_level, with_time=not args.journald)
+    if args.pid_file is not None:
+        args.pid_file.write_text(f"{os.getpid()}\n")
     try:
         return daemon.run(args.config, args.drain_seconds)
     except ConfigErrors as errors:
@@ -32,6 +34,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except OSError as error:  # e.g. a port already in use or needing privileges
         sys.stderr.write(f"dicomfw: cannot start: {error}\n")
         return 1
+    finally:
+        if args.pid_file is not None:
+            args.pid_file.unlink(missing_ok=True)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -82,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="on SIGTERM, how long open associations may finish (default 30)",
     )
+    run.add_argument("--pid-file", type=Path, help="write the process ID here (for `reload`)")
     run.set_defaults(func=cmd_run)
 
     check = commands.add_parser("check", help="validate a rules file and show what it means")

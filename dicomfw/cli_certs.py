@@ -15,6 +15,8 @@ from pathlib import Path
 
 from dicomfw import certs
 from dicomfw.certs import CertError, CertInfo
+from dicomfw.config.load import load_config
+from dicomfw.errors import ConfigErrors
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -231,7 +233,16 @@ def check_paths(paths: Sequence[Path], warn_days: int, ca: Path | None) -> tuple
 @_reports_errors
 def cmd_check(args: argparse.Namespace) -> int:
     """``certs check``: exit 1 when a certificate needs attention (for cron and monitoring)."""
-    status, text = check_paths(args.paths, args.warn_days, args.ca)
+    paths = list(args.paths)
+    if args.config is not None:
+        try:
+            config = load_config(args.config)
+        except ConfigErrors as errors:
+            raise CertError(f"cannot read the rules: {errors}", args.config) from errors
+        paths += [path for _, path in config.certificate_files() if path not in paths]
+    if not paths:
+        raise CertError("name certificate files or --config RULES")
+    status, text = check_paths(paths, args.warn_days, args.ca)
     sys.stdout.write(text)
     return status
 
@@ -321,7 +332,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser("check", help="exit 1 if a certificate expires soon or fails its chain")
-    p.add_argument("paths", type=Path, nargs="+", metavar="PATH")
+    p.add_argument("paths", type=Path, nargs="*", metavar="PATH")
+    p.add_argument(
+        "--config", type=Path, metavar="RULES", help="check every certificate this rules file uses"
+    )
     p.add_argument(
         "--warn-days", type=_non_negative, default=30, metavar="N", help="window (default 30)"
     )

@@ -74,6 +74,26 @@ class Config:
     policy: Policy
     limits: Limits = Limits()
 
+    def certificate_files(self) -> tuple[tuple[str, Path], ...]:
+        """Every certificate file the daemon uses, as (role, path): for expiry checks/metrics.
+
+        Roles read like ``listener:remote:cert`` or ``upstream:pacs:ca``, so an alert names
+        which TLS endpoint is about to break.
+        """
+        files: list[tuple[str, Path]] = []
+        for listener in self.listeners:
+            if listener.tls is not None:
+                files += [
+                    (f"listener:{listener.name}:cert", listener.tls.cert),
+                    (f"listener:{listener.name}:ca", listener.tls.ca),
+                ]
+        for upstream in self.upstreams:
+            if upstream.tls is not None:
+                if upstream.tls.cert is not None:
+                    files.append((f"upstream:{upstream.name}:cert", upstream.tls.cert))
+                files.append((f"upstream:{upstream.name}:ca", upstream.tls.ca))
+        return tuple(files)
+
     def upstream(self, name: str) -> Upstream:
         for upstream in self.upstreams:
             if upstream.name == name:
