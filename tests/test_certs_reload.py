@@ -329,3 +329,35 @@ def test_certs_check_with_the_rules_file_checks_every_certificate_it_uses(site: 
     )
     assert fine.returncode == 0 and "2 certificate(s) in 2 file(s)" in fine.stdout
     assert soon.returncode == 1 and "live/fw.pem" in soon.stdout
+
+
+def test_a_passphrase_protected_key_is_unlocked_from_its_password_file(site: Site) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key((site.live / "fw.key").read_bytes(), None)
+    (site.live / "fw.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"correct horse"),
+        )
+    )
+    (site.dir / "fw.pass").write_text("correct horse\n")
+    client = certs.CertPaths(site.dir / "clients/ct01.pem", site.dir / "clients/ct01.key")
+    rules = site.rules(104).replace(
+        "crl: ca/ca.crl}", "crl: ca/ca.crl, key_password_file: fw.pass}"
+    )
+    with running_firewall(site.dir, rules) as firewall:
+        assert served_certificate(firewall.port("remote"), site.client_context(client)) == (
+            fingerprint(site.live / "fw.pem")
+        )
+    (site.dir / "fw.pass").write_text("wrong\n")
+    assert DICOMFW is not None
+    check = subprocess.run(
+        [DICOMFW, "check", "--config", str(site.dir / "rules.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert check.returncode == 1 and "live/fw.pem: listeners.remote.tls.cert" in check.stderr

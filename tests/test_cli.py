@@ -87,7 +87,9 @@ def test_run_serves_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, pki: 
             )
         )
         assert DICOMFW is not None
-        with running_process(DICOMFW, "run", "--config", path, ready_port=port) as daemon:
+        pid_file = tmp_path / "dicomfw.pid"
+        command = (DICOMFW, "run", "--config", path, "--pid-file", pid_file)
+        with running_process(*command, ready_port=port) as daemon:
             assert (
                 dcmtk("echoscu", "-aet", "CT01", "-aec", "PACS", "127.0.0.1", str(port)).returncode
                 == 0
@@ -103,9 +105,9 @@ def test_run_serves_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, pki: 
                     break
                 time.sleep(0.05)
             assert answer == bytes((0x03, 0, 0, 0, 0, 4, 0, 1, 1, 3))
-            # A broken reload keeps the running rules.
+            # A broken reload, asked for with `dicomfw reload`, keeps the running rules.
             path.write_text("listeners: [oops\n")
-            daemon.send_signal(signal.SIGHUP)
+            assert dicomfw("reload", "--pid-file", pid_file).returncode == 0
             time.sleep(0.3)
             assert first_pdu(port, associate_rq("CT02", "PACS"))[:1] == b"\x02"
             daemon.send_signal(signal.SIGTERM)
@@ -114,3 +116,4 @@ def test_run_serves_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, pki: 
     assert "event=ready" in log and "event=reloaded" in log
     assert "event=reload_failed" in log and "rules.yaml:2: YAML syntax error" in log
     assert "event=stopped" in log
+    assert not pid_file.exists()  # removed on exit
