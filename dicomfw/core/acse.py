@@ -102,7 +102,7 @@ def _items(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
 def _uid(data: bytes, start: int, end: int) -> str:
     """A UID value from an item. Trailing NUL padding is tolerated (seen in the field)."""
     raw = data[start:end].rstrip(b"\x00 ")
-    if not raw or len(raw) > 64 or any(c not in b"0123456789." for c in raw):
+    if not raw or len(raw) > 64 or raw.translate(None, b"0123456789."):
         raise RemoteProtocolError(f"invalid UID {raw[:64]!r}", ABORT_INVALID_PARAMETER)
     return raw.decode("ascii")
 
