@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from dicomfw.core.session import AssociationEnded
+from dicomfw.core.session import AssociationEnded, Session, Side, State
 from dicomfw.relay.server import Refused
 from tests.harness import (
+    PEERS,
     WAIT,
     Pki,
     associate_rq,
@@ -157,3 +158,31 @@ def test_an_idle_association_is_aborted_on_both_sides(tmp_path: Path, pki: Pki) 
     assert isinstance(ended, AssociationEnded) and ended.why == "idle_timeout"
     assert association.is_aborted
     assert pacs.requests == []
+
+
+def test_an_internal_error_aborts_only_that_association(
+    tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Session.receive
+
+    def buggy(self: Session, side: Side, data: bytes) -> list[object]:
+        if self.calling_ae == "BUGGY" and self.state is State.ESTABLISHED:
+            raise RuntimeError("a bug in the firewall")
+        return original(self, side, data)  # type: ignore[return-value]
+
+    monkeypatch.setattr(Session, "receive", buggy)
+    peers = PEERS + "  - {ae_title: BUGGY, networks: [127.0.0.1]}\n"
+    with (
+        running_scp() as pacs,
+        running_firewall(tmp_path, rules(pki, pacs.port, upstream_tls=False, peers=peers)) as fw,
+    ):
+        good = scu("CT01").associate("127.0.0.1", fw.port("front"), ae_title="PACS")
+        bad = scu("BUGGY").associate("127.0.0.1", fw.port("front"), ae_title="PACS")
+        assert good.is_established and bad.is_established
+        assert not bad.send_c_echo()  # no answer: aborted, never a made-up success
+        ended = fw.wait_for(lambda e: isinstance(e, AssociationEnded))
+        assert good.send_c_store(ct_image(seed=8)).Status == 0x0000
+        good.release()
+    assert bad.is_aborted
+    assert isinstance(ended, AssociationEnded) and ended.why == "internal_error"
+    assert len(pacs.stored) == 1

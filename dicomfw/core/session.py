@@ -118,12 +118,23 @@ class RequestRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestForwarded:
+    """A request policy allowed went to the upstream; with ``RequestCompleted`` (same
+    ``message_id``) it brackets the round trip, so observers can time it without a clock here."""
+
+    message_id: int
+    service: str
+    sop_class: str
+
+
+@dataclass(frozen=True, slots=True)
 class RequestCompleted:
     """A request the upstream answered with a final (non-pending) status."""
 
     service: str
     sop_class: str
     status: int
+    message_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +147,12 @@ class AssociationEnded:
 
 
 Event = (
-    AssociationRejected | AssociationAccepted | RequestRefused | RequestCompleted | AssociationEnded
+    AssociationRejected
+    | AssociationAccepted
+    | RequestRefused
+    | RequestForwarded
+    | RequestCompleted
+    | AssociationEnded
 )
 Command = Send | ConnectUpstream | Close | Event
 
@@ -239,7 +255,13 @@ class Session:
         if self.state is State.AWAIT_RQ:
             self.state = State.CLOSED  # PS3.8 §9.1.5: ARTIM expiry closes the transport
             return [Close(Side.REQUESTER), AssociationEnded("closed", f"{timer}_timeout")]
-        return self._abort(None, 0, f"{timer}_timeout", f"no traffic within the {timer} timeout")
+        return self.abort(f"{timer}_timeout", f"no traffic within the {timer} timeout")
+
+    def abort(self, why: str, detail: str = "") -> list[Command]:
+        """The relay gives up on this association (shutdown, internal error): A-ABORT all."""
+        if self.state is State.CLOSED:
+            return []
+        return self._abort(None, pdu.ABORT_REASON_NOT_SPECIFIED, why, detail)
 
     # ---- association set-up --------------------------------------------------------------------
 
@@ -443,6 +465,7 @@ class Session:
         if decision is None:
             if command.message_id is not None and service is not None:
                 self._outstanding[command.message_id] = (service, sop_class)
+                self._events.append(RequestForwarded(command.message_id, service, sop_class))
             return True
         assert self._to_requester is not None
         # The Error Comment tells the modality's operator it was the firewall, without
@@ -468,7 +491,9 @@ class Session:
         if command.is_response and command.status not in _PENDING_STATUSES:
             done = self._outstanding.pop(command.message_id or 0, None)
             if done is not None:
-                self._events.append(RequestCompleted(done[0], done[1], command.status or 0))
+                self._events.append(
+                    RequestCompleted(done[0], done[1], command.status or 0, command.message_id)
+                )
         return True
 
     # ---- failure -------------------------------------------------------------------------------

@@ -158,11 +158,8 @@ class Association(asyncio.Protocol):
         self._timer = self._loop.call_later(config.limits.artim_seconds, self._on_timer)
 
     def data_received(self, data: bytes) -> None:
-        session = self._session
-        assert session is not None
-        self._last_activity = self._loop.time()
         self.info.bytes_from_requester += len(data)
-        self._execute(session.receive(Side.REQUESTER, data))
+        self._receive(Side.REQUESTER, data)
 
     def eof_received(self) -> bool | None:
         return None  # close; connection_lost follows
@@ -179,10 +176,19 @@ class Association(asyncio.Protocol):
     # ---- upstream side -------------------------------------------------------------------------
 
     def upstream_data(self, data: bytes) -> None:
-        assert self._session is not None
-        self._last_activity = self._loop.time()
         self.info.bytes_from_upstream += len(data)
-        self._execute(self._session.receive(Side.UPSTREAM, data))
+        self._receive(Side.UPSTREAM, data)
+
+    def _receive(self, side: Side, data: bytes) -> None:
+        session = self._session
+        assert session is not None
+        self._last_activity = self._loop.time()
+        try:
+            commands = session.receive(side, data)
+        except Exception as error:  # a bug must cost this association only, and loudly
+            log.exception("event=internal_error side=%s", side.value)
+            commands = session.abort("internal_error", repr(error))
+        self._execute(commands)
 
     async def _connect(self, name: str) -> None:
         config = self._runtime.config
@@ -306,7 +312,7 @@ class Association(asyncio.Protocol):
     def abort(self) -> None:
         """Used by shutdown: A-ABORT both sides now."""
         if self._session is not None:
-            self._execute(self._session.timed_out("shutdown"))
+            self._execute(self._session.abort("shutdown", "the daemon is stopping"))
         for transport in list(self._transports.values()):
             transport.close()
 
