@@ -7,15 +7,16 @@ control characters are escaped: AE titles and error texts come from the network.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
-_PLAIN = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_./:@,+")
+_PLAIN = re.compile(r"[A-Za-z0-9_./:@,+-]+")
 
 
 def _value(value: Any) -> str:
     text = str(value)
-    if text and all(c in _PLAIN for c in text):
+    if _PLAIN.fullmatch(text):
         return text
     escaped = text.encode("unicode_escape").decode("ascii").replace('"', '\\"')
     return f'"{escaped}"'

@@ -41,6 +41,7 @@ from dicomfw.errors import RemoteProtocolError
 
 _PDV_HEADER: Final = struct.Struct(">LBB")
 _PEEK: Final = HEADER_SIZE + 6  # PDU header + first PDV header
+_PEEK_HEADER: Final = struct.Struct(">BxLLBB")  # both at once
 _COMMAND: Final = 0x01
 _LAST: Final = 0x02
 
@@ -186,9 +187,24 @@ class DataStream:
                 self._need = _PEEK
                 pos = end
                 break
-            size = self._start_pdu(view, pos, end - pos, None, from_partial=False)
-            if size:  # fast path: the loop forwards it
+            # The common case, inline (once per 16 KB PDU): a lone data-set PDV of the message
+            # in progress. Anything else, errors included, goes through ``_start_pdu``.
+            pdu_type, length, pdv_length, context, control = _PEEK_HEADER.unpack_from(view, pos)
+            if (
+                pdu_type == P_DATA_TF
+                and pdv_length + 4 == length
+                and pdv_length >= 2
+                and not control & _COMMAND
+                and context == self._context
+                and length <= self._max_length
+                and self._state is _Message.DATA_SET
+            ):
+                if control & _LAST:
+                    self._state = _Message.IDLE
+                self._left = HEADER_SIZE + length
                 continue
+            if self._start_pdu(view, pos, end - pos, None, from_partial=False):
+                continue  # fast path after all: the loop forwards it
             # Slow path: the PDU must be complete before anything of it leaves.
             if run >= 0:
                 out.append(view[run:pos])
