@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--drain-seconds",
         type=float,
-        default=30.0,
-        help="on SIGTERM, how long open associations may finish (default 30)",
+        help="on SIGTERM, how long open associations may finish (default: the rules file's "
+        "limits.drain_seconds, 30)",
     )
     run.add_argument("--pid-file", type=Path, help="write the process ID here (for `reload`)")
     run.set_defaults(func=cmd_run)

@@ -15,6 +15,7 @@ from dicomfw.core.session import (
     AssociationRejected,
     Event,
     RequestCompleted,
+    RequestForwarded,
     RequestRefused,
 )
 from dicomfw.core.uids import name_of
@@ -26,7 +27,17 @@ log = logging.getLogger("dicomfw.events")
 
 def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
     """Write ``event`` for the association described by ``info`` as one logfmt line."""
-    where = {"listener": info.listener, "peer": f"{info.address}:{info.port}"}
+    kind = type(event)
+    if kind is RequestForwarded:  # once per request, like the next: keep them cheap
+        return
+    if kind is RequestCompleted:
+        info.requests += 1
+        return
+    where = {
+        "listener": info.listener,
+        "peer": f"{info.address}:{info.port}",
+        "via": info.proxied_by,  # the load balancer that reported ``peer`` (PROXY protocol)
+    }
     if isinstance(event, Refused):
         log_event(
             log, logging.WARNING, "connection_refused", **where, why=event.why, detail=event.detail
@@ -55,12 +66,19 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             called_ae=event.called_ae,
             route=event.route,
             contexts=event.accepted_contexts,
-            refused_contexts=",".join(
-                f"{name_of(uid)}:{why}" for _, uid, why in event.refused_contexts
-            )
-            or None,
+            # A modality proposing 128 contexts would make this line 7 KB; the names of the
+            # refused ones are at debug level.
+            refused_contexts=len(event.refused_contexts),
             tls_resumed_upstream=info.tls_resumed_upstream,
         )
+        if event.refused_contexts:
+            log_event(
+                log,
+                logging.DEBUG,
+                "contexts_refused",
+                **where,
+                contexts=",".join(f"{name_of(u)}:{why}" for _, u, why in event.refused_contexts),
+            )
     elif isinstance(event, RequestRefused):
         log_event(
             log,
@@ -90,5 +108,3 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             bytes_out=info.bytes_from_upstream,
             requests=info.requests,
         )
-    elif isinstance(event, RequestCompleted):
-        info.requests += 1

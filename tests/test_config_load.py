@@ -346,8 +346,8 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             "    bnid: 0.0.0.0:11112",
             [
                 "rules.yaml:2: listeners[0]: missing required key 'bind'",
-                "rules.yaml:3: listeners[0].bnid: unknown key 'bnid' "
-                "(allowed: name, bind, tls); did you mean 'bind'?",
+                "rules.yaml:3: listeners[0].bnid: unknown key 'bnid' (allowed: name, bind, tls, "
+                "proxy_protocol, proxy_from, limits); did you mean 'bind'?",
             ],
             id="unknown key",
         ),
@@ -356,7 +356,7 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             "mode: enforce\nroutes:",
             [
                 "rules.yaml:9: mode: unknown key 'mode' "
-                "(allowed: listeners, upstreams, peers, routes, limits)",
+                "(allowed: listeners, upstreams, peers, routes, limits, metrics, audit)",
             ],
             id="unknown top-level key",
         ),
@@ -599,7 +599,7 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             [
                 "rules.yaml:1: missing required key 'routes'",
                 "rules.yaml:9: unused: unknown key 'unused' "
-                "(allowed: listeners, upstreams, peers, routes, limits)",
+                "(allowed: listeners, upstreams, peers, routes, limits, metrics, audit)",
             ],
             id="missing section",
         ),

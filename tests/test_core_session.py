@@ -21,6 +21,7 @@ from dicomfw.core.session import (
     Command,
     ConnectUpstream,
     RequestCompleted,
+    RequestForwarded,
     RequestRefused,
     Send,
     Session,
@@ -296,7 +297,11 @@ def test_requester_pdus_sent_before_the_ac_are_forwarded_once_it_arrives() -> No
     session.upstream_connected()
     assert session.receive(REQUESTER, echo(2)[5:]) == []
     commands = session.receive(UPSTREAM, PACS_AC)
-    assert transcript(commands)[2:] == [Send(UPSTREAM, [echo(1) + echo(2)])]
+    assert transcript(commands)[2:] == [
+        Send(UPSTREAM, [echo(1) + echo(2)]),
+        RequestForwarded(1, "C-ECHO", VERIFICATION),
+        RequestForwarded(2, "C-ECHO", VERIFICATION),
+    ]
 
 
 def test_upstream_pdus_in_the_same_read_as_the_ac_are_forwarded() -> None:
@@ -313,12 +318,17 @@ def test_upstream_pdus_in_the_same_read_as_the_ac_are_forwarded() -> None:
 
 def test_allowed_c_store_passes_and_its_response_completes_the_request() -> None:
     session = established()
-    for piece in store(1):
+    command, *data_set = store(1)
+    assert transcript(session.receive(REQUESTER, command)) == [
+        Send(UPSTREAM, [command]),
+        RequestForwarded(1, "C-STORE", CT),
+    ]
+    for piece in data_set:
         assert transcript(session.receive(REQUESTER, piece)) == [Send(UPSTREAM, [piece])]
     response = p_data(command_pdv(STORE, c_store_rsp(1)))
     assert transcript(session.receive(UPSTREAM, response)) == [
         Send(REQUESTER, [response]),
-        RequestCompleted("C-STORE", CT, 0x0000),
+        RequestCompleted("C-STORE", CT, 0x0000, 1),
     ]
 
 
@@ -337,7 +347,10 @@ def test_c_find_on_a_storage_only_route_is_refused_and_the_next_echo_still_passe
     assert transcript(commands)[1:] == [
         RequestRefused("C-FIND", STUDY_FIND, 0x0124, "service_not_allowed", "", 5)
     ]
-    assert transcript(session.receive(REQUESTER, echo(6))) == [Send(UPSTREAM, [echo(6)])]
+    assert transcript(session.receive(REQUESTER, echo(6))) == [
+        Send(UPSTREAM, [echo(6)]),
+        RequestForwarded(6, "C-ECHO", VERIFICATION),
+    ]
 
 
 def test_c_move_to_an_unlisted_destination_is_refused_with_a801() -> None:
@@ -355,7 +368,10 @@ def test_c_move_to_an_unlisted_destination_is_refused_with_a801() -> None:
 def test_c_move_to_a_listed_destination_passes() -> None:
     session = established()
     move = p_data(command_pdv(MOVE, c_move_rq(8, "WS1")), data_pdv(MOVE, b"\x00\x00", last=True))
-    assert transcript(session.receive(REQUESTER, move)) == [Send(UPSTREAM, [move])]
+    assert transcript(session.receive(REQUESTER, move)) == [
+        Send(UPSTREAM, [move]),
+        RequestForwarded(8, "C-MOVE", STUDY_MOVE),
+    ]
 
 
 def test_refused_c_store_swallows_its_data_set_and_the_next_store_passes() -> None:
@@ -368,7 +384,10 @@ def test_refused_c_store_swallows_its_data_set_and_the_next_store_passes() -> No
         assert session.receive(REQUESTER, piece) == []
 
     allowed = b"".join(store(3))
-    assert transcript(session.receive(REQUESTER, allowed)) == [Send(UPSTREAM, [allowed])]
+    assert transcript(session.receive(REQUESTER, allowed)) == [
+        Send(UPSTREAM, [allowed]),
+        RequestForwarded(3, "C-STORE", CT),
+    ]
 
 
 def test_refusal_waits_until_the_upstreams_message_in_progress_has_ended() -> None:
@@ -400,7 +419,7 @@ def test_pending_responses_do_not_complete_a_request_but_the_final_one_does() ->
     assert transcript(session.receive(UPSTREAM, pending)) == [Send(REQUESTER, [pending])]
     assert transcript(session.receive(UPSTREAM, final)) == [
         Send(REQUESTER, [final]),
-        RequestCompleted("C-FIND", STUDY_FIND, 0x0000),
+        RequestCompleted("C-FIND", STUDY_FIND, 0x0000, 4),
     ]
 
 
@@ -409,7 +428,7 @@ def test_echo_response_completes_the_echo() -> None:
     session.receive(REQUESTER, echo(9))
     response = p_data(command_pdv(ECHO, c_echo_rsp(9)))
     assert transcript(session.receive(UPSTREAM, response))[1:] == [
-        RequestCompleted("C-ECHO", VERIFICATION, 0x0000)
+        RequestCompleted("C-ECHO", VERIFICATION, 0x0000, 9)
     ]
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dicomfw.config.model import ClientTLS, Config, Listener, ServerTLS, Upstream
 from dicomfw.core import uids
 from dicomfw.core.policy import AllowRule, CertificateIdentity, Peer, Route
+from dicomfw.core.ratelimit import RateLimits
 
 __all__ = ["describe"]
 
@@ -29,6 +30,7 @@ def describe(config: Config) -> str:
         _section("Peers (who may connect)", _peers(config.policy.peers)),
         _section("Routes (what may pass; everything else is refused)", _routes(config)),
         _section("Limits", _limits(config)),
+        _section("Metrics and audit", _observability(config)),
     ]
     return "\n\n".join("\n".join(lines) for lines in sections) + "\n"
 
@@ -69,6 +71,9 @@ def _listeners(listeners: Sequence[Listener]) -> list[str]:
     lines: list[str] = []
     for listener, row in zip(listeners, rows, strict=True):
         lines.append(row)
+        if listener.proxy_protocol:
+            balancers = ", ".join(map(str, listener.proxy_from))
+            lines.append(f"{_DETAIL}behind a load balancer: PROXY protocol v2 from {balancers}")
         if listener.tls is not None:
             lines += _files(listener.tls)
     return lines
@@ -186,13 +191,60 @@ def _uid_names(uid_set: frozenset[str] | None, if_any: str) -> str:
 
 def _limits(config: Config) -> list[str]:
     limits = config.limits
-    return _aligned(
+    lines = _aligned(
         [
             ("max PDU size", f"{limits.max_pdu_bytes} bytes"),
             ("ARTIM timeout", f"{limits.artim_seconds:g} s"),
             ("idle timeout", f"{limits.idle_seconds:g} s"),
             ("upstream connect timeout", f"{limits.connect_timeout_seconds:g} s"),
             ("TLS handshake timeout", f"{limits.tls_handshake_seconds:g} s"),
+            ("drain on SIGTERM", f"{limits.drain_seconds:g} s"),
+            *(_rate_rows(limits.rates.default) or [("rates and caps", "none")]),
         ],
         _INDENT,
     )
+    overrides = [("listener", limits.rates.listeners), ("peer", limits.rates.peers)]
+    for scope, by_name in overrides:
+        for name, override in by_name.items():
+            lines += [f"{_INDENT}{scope} {name}:", *_aligned(_rate_rows(override), _DETAIL)]
+    return lines
+
+
+def _rate_rows(limits: RateLimits) -> list[tuple[str, str]]:
+    """The rates and caps that are set, in the rules file's words."""
+    counts = [
+        ("associations/min per IP", limits.associations_per_minute_per_ip),
+        ("associations/min per peer", limits.associations_per_minute_per_peer),
+        ("max concurrent per IP", limits.max_concurrent_per_ip),
+        ("max concurrent per peer", limits.max_concurrent_per_peer),
+        ("max concurrent in total", limits.max_concurrent_total),
+        ("max pending per IP", limits.max_pending_per_ip),
+    ]
+    rows = [(label, str(value)) for label, value in counts if value is not None]
+    for label, rates in (
+        ("requests per association", limits.requests_per_minute_per_association),
+        ("requests per peer", limits.requests_per_minute_per_peer),
+    ):
+        if rates:
+            rows.append((label, ", ".join(f"{name} {n}/min" for name, n in rates.items())))
+    if limits.request_limit_action is not None:
+        rows.append(("over a request rate", limits.request_limit_action))
+    return rows
+
+
+def _observability(config: Config) -> list[str]:
+    rows: list[tuple[str, str]] = []
+    if config.metrics is not None:
+        host = f"[{config.metrics.host}]" if ":" in config.metrics.host else config.metrics.host
+        rows.append(("Prometheus metrics", f"http://{host}:{config.metrics.port}/metrics"))
+    audit = config.audit
+    if audit is not None:
+        if audit.file is not None or audit.stdout:
+            where = "stdout" if audit.stdout else str(audit.file)
+            rows.append(("audit trail (JSON lines)", where))
+        if audit.atna is not None:
+            atna = audit.atna
+            transport = "TLS, RFC 5425" if atna.transport == "tls" else "UDP, RFC 5426"
+            rows.append(("IHE ATNA audit messages", f"{atna.host}:{atna.port} ({transport})"))
+        rows.append(("audit queue per sink", f"{audit.queue_size} events, then dropped"))
+    return _aligned(rows, _INDENT)

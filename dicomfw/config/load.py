@@ -21,7 +21,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -29,7 +29,17 @@ import yaml
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from dicomfw.config.model import ClientTLS, Config, Limits, Listener, ServerTLS, Upstream
+from dicomfw.config.model import (
+    AtnaCollector,
+    Audit,
+    ClientTLS,
+    Config,
+    Limits,
+    Listener,
+    MetricsEndpoint,
+    ServerTLS,
+    Upstream,
+)
 from dicomfw.core import uids
 from dicomfw.core.policy import (
     SERVICE_COMMANDS,
@@ -40,6 +50,7 @@ from dicomfw.core.policy import (
     Policy,
     Route,
 )
+from dicomfw.core.ratelimit import LimitRules, RateLimits
 from dicomfw.errors import ConfigError, ConfigErrors
 
 __all__ = ["load_config"]
@@ -144,6 +155,9 @@ class _Loader:
         # is absent while its section is unusable, so references to it are not also reported.
         self.names: dict[str, dict[str, _At]] = {}
         self.route_keys: list[_RouteKey] = []
+        # ``listeners[].limits`` and ``peers[].limits``, folded into ``Limits.rates`` at the end.
+        self.listener_limits: dict[str, RateLimits] = {}
+        self.peer_limits: dict[str, RateLimits] = {}
         self._constructor = SafeConstructor()
 
     # -- reporting ---------------------------------------------------------------------------
@@ -212,8 +226,14 @@ class _Loader:
             listeners=tuple(values["listeners"]),
             upstreams=tuple(values["upstreams"]),
             policy=Policy(peers=tuple(values["peers"]), routes=tuple(values["routes"])),
-            limits=values.get("limits", Limits()),
+            limits=self.with_overrides(values.get("limits", Limits())),
+            metrics=values.get("metrics"),
+            audit=values.get("audit"),
         )
+
+    def with_overrides(self, limits: Limits) -> Limits:
+        rules = LimitRules(limits.rates.default, self.listener_limits, self.peer_limits)
+        return replace(limits, rates=rules)
 
     # -- structure ---------------------------------------------------------------------------
 
@@ -575,9 +595,20 @@ def _listener(ld: _Loader, at: _At) -> Listener:
     found = ld.fields(at, _LISTENER)
     if "name" in found.values:
         ld.claim("listener", found.values["name"], found.given["name"])
+    values, given = found.values, found.given
+    proxied = values.get("proxy_protocol", False)
+    parsed = all(key in values or key not in given for key in ("proxy_protocol", "proxy_from"))
+    if parsed and proxied != ("proxy_from" in values):
+        where = given.get("proxy_from", given.get("proxy_protocol", at))
+        ld.error(where, "proxy_protocol: true and proxy_from (the balancers' networks) go together")
+        found.ok = False
     found.require_ok()
-    host, port = found.values["bind"]
-    return Listener(found.values["name"], host, port, found.values.get("tls"))
+    if "limits" in values:
+        ld.listener_limits[values["name"]] = values["limits"]
+    host, port = values["bind"]
+    return Listener(
+        values["name"], host, port, values.get("tls"), proxied, tuple(values.get("proxy_from", ()))
+    )
 
 
 def _listeners(ld: _Loader, at: _At) -> list[Listener]:
@@ -622,6 +653,8 @@ def _peer(ld: _Loader, at: _At) -> Peer:
         ld.claim("peer", found.values["ae_title"], found.given["ae_title"])
     found.require_ok()
     values = found.values
+    if "limits" in values:
+        ld.peer_limits[values["ae_title"]] = values["limits"]
     return Peer(values["ae_title"], tuple(values["networks"]), values.get("certificate"))
 
 
@@ -724,9 +757,130 @@ def _check_overlap(ld: _Loader, new: _RouteKey) -> bool:
 def _limits(ld: _Loader, at: _At) -> Limits:
     found = ld.fields(at, _LIMITS)
     found.require_ok()
-    return Limits(**found.values)
+    values = dict(found.values)
+    rates = {key: values.pop(key) for key in _RATE_LIMITS if key in values}
+    return Limits(**values, rates=LimitRules(RateLimits(**rates)))
 
 
+def _rate_limits(schema: Schema) -> Check[RateLimits]:
+    """A ``limits:`` override on a listener or a peer: the keys that make sense there."""
+
+    def check(ld: _Loader, at: _At) -> RateLimits:
+        found = ld.fields(at, schema, at_least_one=True)
+        found.require_ok()
+        return RateLimits(**found.values)
+
+    return check
+
+
+def _service_rates(ld: _Loader, at: _At) -> dict[str, int]:
+    """``{C-FIND: 60, C-MOVE: 10}``: DIMSE requests per minute, by service."""
+    pairs = ld.pairs(at, "a mapping of service to requests per minute, e.g. {C-FIND: 60}")
+    if not pairs:
+        raise _Invalid("expected at least one service, e.g. {C-FIND: 60}")
+    rates: dict[str, int] = {}
+    failed = False
+    for _, key_at, value_at in pairs:
+        try:
+            service = ld.run(_service, key_at)
+            rates[service] = ld.run(_PER_MINUTE, value_at)
+        except _Invalid:
+            failed = True
+    if failed:
+        raise _Invalid()
+    return rates
+
+
+def _metrics(ld: _Loader, at: _At) -> MetricsEndpoint:
+    found = ld.fields(at, _METRICS)
+    found.require_ok()
+    return MetricsEndpoint(*found.values["bind"])
+
+
+def _choice(*options: str) -> Check[str]:
+    def check(ld: _Loader, at: _At) -> str:
+        value = _string(ld, at)
+        if value not in options:
+            raise _Invalid(f"expected one of {', '.join(options)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _output_file(ld: _Loader, at: _At) -> Path | None:
+    """A file the daemon appends to (None for "-", stdout). Its directory must exist now, so a
+    typo stops the load instead of the first audit event."""
+    text = _string(ld, at)
+    if text == "-":
+        return None
+    path = Path(os.path.normpath(ld.base_dir / text))
+    if path.is_dir():
+        raise _Invalid(f"{path} is a directory; name a file in it")
+    if not path.parent.is_dir():
+        raise _Invalid(f"directory not found: {path.parent}")
+    return path
+
+
+def _atna(ld: _Loader, at: _At) -> AtnaCollector:
+    found = ld.fields(at, _ATNA)
+    values, given = found.values, found.given
+    transport = values.get("transport", "tls")
+    known = "transport" in values or "transport" not in given  # else already reported
+    if known and transport == "udp":
+        for key in ("ca", "cert", "key"):
+            if key in given:
+                ld.error(given[key], f"{key} applies to transport: tls only")
+                found.ok = False
+    elif known and "ca" not in given:
+        ld.error(at, "transport: tls needs ca, to verify the collector's certificate")
+        found.ok = False
+    if ("cert" in given) != ("key" in given):
+        ld.error(at, "give both cert and key (a client certificate), or neither")
+        found.ok = False
+    found.require_ok()
+    return AtnaCollector(
+        values["host"],
+        values.get("port", 6514 if transport == "tls" else 514),  # RFC 5425 / RFC 5426 ports
+        transport,
+        values.get("ca"),
+        values.get("cert"),
+        values.get("key"),
+    )
+
+
+def _audit(ld: _Loader, at: _At) -> Audit:
+    found = ld.fields(at, _AUDIT)
+    if found.ok and "file" not in found.given and "atna" not in found.given:
+        ld.error(at, 'give file (JSON lines; "-" for stdout), atna, or both')
+        found.ok = False
+    found.require_ok()
+    values = dict(found.values)
+    if "file" in values and values["file"] is None:
+        values["stdout"] = True
+    return Audit(**values)
+
+
+_PER_MINUTE: Final = _int_in(1, 1_000_000)
+_COUNT: Final = _int_in(1, 1_000_000)
+#: What a peer's ``limits:`` may set: the limits that are about a peer and its requests.
+_PEER_RATE_LIMITS: Final[Schema] = {
+    "associations_per_minute_per_peer": (OPTIONAL, _PER_MINUTE),
+    "max_concurrent_per_peer": (OPTIONAL, _COUNT),
+    "requests_per_minute_per_association": (OPTIONAL, _service_rates),
+    "requests_per_minute_per_peer": (OPTIONAL, _service_rates),
+    "request_limit_action": (OPTIONAL, _choice("delay", "refuse")),
+}
+#: A listener's ``limits:`` adds the per-address ones (the process-wide total stays global).
+_LISTENER_RATE_LIMITS: Final[Schema] = {
+    "associations_per_minute_per_ip": (OPTIONAL, _PER_MINUTE),
+    "max_concurrent_per_ip": (OPTIONAL, _COUNT),
+    "max_pending_per_ip": (OPTIONAL, _COUNT),
+    **_PEER_RATE_LIMITS,
+}
+_RATE_LIMITS: Final[Schema] = {
+    **_LISTENER_RATE_LIMITS,
+    "max_concurrent_total": (OPTIONAL, _COUNT),
+}
 _SERVER_TLS: Final[Schema] = {
     "cert": (REQUIRED, _file),
     "key": (REQUIRED, _file),
@@ -748,6 +902,9 @@ _LISTENER: Final[Schema] = {
     "name": (REQUIRED, _name),
     "bind": (REQUIRED, _bind),
     "tls": (OPTIONAL, _server_tls),
+    "proxy_protocol": (OPTIONAL, _boolean),
+    "proxy_from": (OPTIONAL, _list_of(_network)),
+    "limits": (OPTIONAL, _rate_limits(_LISTENER_RATE_LIMITS)),
 }
 _UPSTREAM: Final[Schema] = {
     "host": (REQUIRED, _host),
@@ -764,6 +921,7 @@ _PEER: Final[Schema] = {
     "ae_title": (REQUIRED, _ae_title),
     "networks": (REQUIRED, _list_of(_network)),
     "certificate": (OPTIONAL, _certificate),
+    "limits": (OPTIONAL, _rate_limits(_PEER_RATE_LIMITS)),
 }
 _ALLOW: Final[Schema] = {
     "services": (REQUIRED, _list_of(_service)),
@@ -790,6 +948,22 @@ _LIMITS: Final[Schema] = {
     "idle_seconds": (OPTIONAL, _seconds(86400)),
     "connect_timeout_seconds": (OPTIONAL, _seconds(600)),
     "tls_handshake_seconds": (OPTIONAL, _seconds(600)),
+    "drain_seconds": (OPTIONAL, _seconds(3600)),
+    **_RATE_LIMITS,
+}
+_METRICS: Final[Schema] = {"bind": (REQUIRED, _bind)}
+_ATNA: Final[Schema] = {
+    "host": (REQUIRED, _host),
+    "port": (OPTIONAL, _int_in(1, 65535)),
+    "transport": (OPTIONAL, _choice("tls", "udp")),
+    "ca": (OPTIONAL, _file),
+    "cert": (OPTIONAL, _file),
+    "key": (OPTIONAL, _file),
+}
+_AUDIT: Final[Schema] = {
+    "file": (OPTIONAL, _output_file),
+    "queue_size": (OPTIONAL, _int_in(1, 10_000_000)),
+    "atna": (OPTIONAL, _atna),
 }
 # Order matters: routes refer to listeners, upstreams and peers, so those are checked first.
 _TOP: Final[Schema] = {
@@ -798,4 +972,6 @@ _TOP: Final[Schema] = {
     "peers": (REQUIRED, _peers),
     "routes": (REQUIRED, _list_of(_route)),
     "limits": (OPTIONAL, _limits),
+    "metrics": (OPTIONAL, _metrics),
+    "audit": (OPTIONAL, _audit),
 }

@@ -8,10 +8,11 @@ the same files.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from dicomfw.core.policy import Policy
+from dicomfw.core.policy import IPNetwork, Policy
+from dicomfw.core.ratelimit import LimitRules
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,10 +42,15 @@ class ClientTLS:
 
 @dataclass(frozen=True, slots=True)
 class Listener:
+    """``proxy_protocol``: every connection starts with a PROXY v2 header naming the real client,
+    accepted only from a balancer address in ``proxy_from``."""
+
     name: str
     host: str
     port: int
     tls: ServerTLS | None = None
+    proxy_protocol: bool = False
+    proxy_from: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,13 +63,58 @@ class Upstream:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Resource bounds. Times in seconds, sizes in bytes."""
+    """Resource bounds. Times in seconds, sizes in bytes.
+
+    ``rates`` are the association/request rates and concurrency caps, with the per-listener
+    and per-peer overrides (``listeners[].limits``, ``peers[].limits``) folded in; all off unless
+    configured. ``drain_seconds``: on SIGTERM, how long open associations may finish.
+    """
 
     max_pdu_bytes: int = 1_048_576
     artim_seconds: float = 30.0
     idle_seconds: float = 300.0
     connect_timeout_seconds: float = 10.0
     tls_handshake_seconds: float = 15.0
+    drain_seconds: float = 30.0
+    rates: LimitRules = field(default_factory=LimitRules)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsEndpoint:
+    """Where the Prometheus ``/metrics`` endpoint listens (``metrics: {bind: …}``)."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class AtnaCollector:
+    """An IHE ATNA audit record repository: syslog over TLS (RFC 5425) or UDP (RFC 5426).
+
+    Over TLS the collector's certificate is verified against ``ca`` and ``host``; ``cert`` and
+    ``key`` are our client certificate for collectors that require one.
+    """
+
+    host: str
+    port: int
+    transport: str  # "tls" or "udp"
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """The audit trail: JSON lines to ``file`` (or stdout), and/or ATNA messages to a collector.
+
+    Each sink has its own bounded queue of ``queue_size`` events: when a sink falls that far
+    behind, events are dropped (and counted) rather than slowing down the relay.
+    """
+
+    file: Path | None = None
+    stdout: bool = False  # "file: -"
+    queue_size: int = 10_000
+    atna: AtnaCollector | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +124,8 @@ class Config:
     upstreams: tuple[Upstream, ...]
     policy: Policy
     limits: Limits = Limits()
+    metrics: MetricsEndpoint | None = None
+    audit: Audit | None = None
 
     def certificate_files(self) -> tuple[tuple[str, Path], ...]:
         """Every certificate file the daemon uses, as (role, path): for expiry checks/metrics.
@@ -92,6 +145,13 @@ class Config:
                 if upstream.tls.cert is not None:
                     files.append((f"upstream:{upstream.name}:cert", upstream.tls.cert))
                 files.append((f"upstream:{upstream.name}:ca", upstream.tls.ca))
+        atna = self.audit.atna if self.audit is not None else None
+        if atna is not None:
+            files += [
+                (f"atna:{role}", path)
+                for role, path in (("cert", atna.cert), ("ca", atna.ca))
+                if path is not None
+            ]
         return tuple(files)
 
     def upstream(self, name: str) -> Upstream:

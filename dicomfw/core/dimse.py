@@ -149,3 +149,19 @@ def encode_response(request: DimseCommand, status: int, error_comment: str = "")
     ]
     body = b"".join(_element(tag, value) for tag, value in filter(None, elements))
     return _element(TAG_COMMAND_GROUP_LENGTH, struct.pack("<L", len(body))) + body
+
+
+def status_class(status: int) -> str:
+    """The class of a DIMSE status (PS3.7 Annex C): success, warning, failure, cancel or pending.
+
+    Warnings are 0001, 0107, 0116 and Bxxx (C.3); everything not listed is a failure (C.4).
+    """
+    if status == 0x0000:
+        return "success"
+    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+        return "warning"
+    if status == 0xFE00:
+        return "cancel"
+    if status in (0xFF00, 0xFF01):
+        return "pending"
+    return "failure"

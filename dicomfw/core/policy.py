@@ -102,7 +102,12 @@ class Peer:
     certificate: CertificateIdentity | None = None
 
     def allows_address(self, address: IPAddress) -> bool:
-        return any(_contains(net, address) for net in self.networks)
+        return in_networks(self.networks, address)
+
+
+def in_networks(networks: tuple[IPNetwork, ...], address: IPAddress) -> bool:
+    """Is ``address`` in any of ``networks`` (also as an IPv4-mapped IPv6 address)?"""
+    return any(_contains(net, address) for net in networks)
 
 
 def _contains(network: IPNetwork, address: IPAddress) -> bool:

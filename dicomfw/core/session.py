@@ -13,6 +13,7 @@ acknowledges anything the upstream did not.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Final
 
@@ -35,12 +36,16 @@ from dicomfw.core.policy import (
     Reject,
     Route,
 )
+from dicomfw.core.ratelimit import Delay, Gate
 from dicomfw.core.stream import Buffer, DataStream
-from dicomfw.errors import RemoteProtocolError
+from dicomfw.errors import LocalProtocolError, RemoteProtocolError
 
 _PENDING_STATUSES: Final = frozenset((0xFF00, 0xFF01))
 #: How much a requester may send before the association is up (it should send nothing).
 _MAX_EARLY_BYTES: Final = 65_536
+#: What a requester may send while one of its requests is delayed: the relay stops reading
+#: from it meanwhile, so this only bounds what one read can bring.
+_MAX_DEFERRED_BYTES: Final = 8 * 1_048_576
 
 
 class Side(enum.Enum):
@@ -79,6 +84,15 @@ class Close:
     """Close a side once what was sent to it has been written."""
 
     side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class Wakeup:
+    """A request is over its rate (``request_limit_action: delay``): forward nothing more to
+    the upstream, and stop reading from the requester, until ``Session.wakeup`` after
+    ``delay`` seconds. Only this association waits."""
+
+    delay: float
 
 
 # ---- events: what happened, for logs, audit and metrics ----------------------------------------
@@ -154,7 +168,11 @@ Event = (
     | RequestCompleted
     | AssociationEnded
 )
-Command = Send | ConnectUpstream | Close | Event
+Command = Send | ConnectUpstream | Close | Wakeup | Event
+
+
+def _no_clock() -> float:
+    raise LocalProtocolError("a Session with a rate-limit gate needs the clock to go with it")
 
 
 class Session:
@@ -167,7 +185,11 @@ class Session:
         address: IPAddress,
         identity: PresentedIdentity | None,
         max_pdu_length: int,
+        gate: Gate | None = None,
+        clock: Callable[[], float] = _no_clock,
     ) -> None:
+        """``gate`` (with ``clock``, the relay's monotonic time) enforces the rate limits and
+        caps; the session asks it at the A-ASSOCIATE-RQ and at each request."""
         self.policy = policy
         self.listener = listener
         self.address = address
@@ -190,6 +212,11 @@ class Session:
         self._released = False
         self._replies: list[Buffer] = []  # firewall-made PDUs for the requester, in order
         self._events: list[Command] = []  # events raised while a stream is being fed
+        self._gate = gate
+        self._clock = clock
+        self._delay = 0.0  # the longest wait a request asked for while a stream was fed
+        self._held: list[Buffer] | None = None  # for the upstream, until ``wakeup``
+        self._deferred = bytearray()  # from the requester while ``_held``
 
     # ---- inputs --------------------------------------------------------------------------------
 
@@ -197,6 +224,11 @@ class Session:
         """Bytes arrived from ``side``."""
         try:
             if self.state is State.ESTABLISHED:
+                if self._held is not None and side is Side.REQUESTER:
+                    self._deferred += data
+                    if len(self._deferred) > _MAX_DEFERRED_BYTES:
+                        raise RemoteProtocolError("too much data while a request is delayed")
+                    return []
                 return self._data_phase(side, data)
             if self.state is State.AWAIT_RQ and side is Side.REQUESTER:
                 return self._await_rq(data)
@@ -210,6 +242,23 @@ class Session:
             return []  # CLOSED: late bytes are dropped
         except RemoteProtocolError as error:
             return self._abort(side, error.abort_reason, f"{side.value}_protocol_error", str(error))
+
+    @property
+    def holding(self) -> bool:
+        """A delayed request waits for ``wakeup``: the requester must not be read meanwhile."""
+        return self._held is not None
+
+    def wakeup(self) -> list[Command]:
+        """The ``Wakeup`` delay has passed: forward the held request, then what the requester
+        sent meanwhile (which may hold again)."""
+        held, self._held = self._held, None
+        if held is None or self.state is not State.ESTABLISHED:
+            return []
+        commands: list[Command] = [Send(Side.UPSTREAM, held)]
+        if self._deferred:
+            deferred, self._deferred = bytes(self._deferred), bytearray()
+            commands += self.receive(Side.REQUESTER, deferred)
+        return commands
 
     def upstream_connected(self) -> list[Command]:
         if self.state is not State.AWAIT_UPSTREAM:
@@ -277,11 +326,19 @@ class Session:
         rq = acse.decode_rq(raw)
         self._rq = rq
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
+        # The address's association rate comes first, so it also slows down AE title guessing.
+        over = self._gate.source(self._clock()) if self._gate is not None else None
+        if over is not None:
+            return self._reject(over)
         decision = self.policy.decide_association(
             self.listener, self.address, rq.calling_ae, rq.called_ae, self.identity
         )
         if isinstance(decision, Reject):
             return self._reject(decision)
+        if self._gate is not None:
+            over = self._gate.admit(decision.peer.ae_title, self._clock())
+            if over is not None:
+                return self._reject(over)
         return self._propose_upstream(rq, decision, self._rest_after(pdus))
 
     def _propose_upstream(self, rq: acse.AssociateRQ, accept: Accept, rest: bytes) -> list[Command]:
@@ -418,9 +475,14 @@ class Session:
         assert stream is not None
         self._events = []
         forwarded = stream.feed(data)
+        delay, self._delay = self._delay, 0.0
         commands: list[Command] = []
         if forwarded:
-            commands.append(Send(side.other, forwarded))
+            if delay and not stream.control_pdus:  # a release or abort is not held up
+                self._held = forwarded
+                commands.append(Wakeup(delay))
+            else:
+                commands.append(Send(side.other, forwarded))
         if self._replies:
             commands.append(Send(Side.REQUESTER, self._replies))
             self._replies = []
@@ -462,6 +524,12 @@ class Session:
                 self.route, service, sop_class, command.move_destination
             )
             decision = verdict if isinstance(verdict, Refuse) else None
+            if decision is None and self._gate is not None:
+                metered = self._gate.request(service, self._clock())
+                if isinstance(metered, Delay):
+                    self._delay = max(self._delay, metered.seconds)
+                else:
+                    decision = metered
         if decision is None:
             if command.message_id is not None and service is not None:
                 self._outstanding[command.message_id] = (service, sop_class)

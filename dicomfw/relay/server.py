@@ -16,12 +16,14 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from dicomfw.config.model import Config, Listener
-from dicomfw.core.policy import IPAddress, PresentedIdentity
+from dicomfw.core.policy import IPAddress, PresentedIdentity, in_networks
+from dicomfw.core.proxy import InvalidProxyHeader, ProxyHeader, ProxyHeaderReader
+from dicomfw.core.ratelimit import Gate, Limiter
 from dicomfw.core.session import (
     Close,
     Command,
@@ -31,6 +33,7 @@ from dicomfw.core.session import (
     Session,
     Side,
     State,
+    Wakeup,
 )
 from dicomfw.logsetup import log_event
 from dicomfw.relay.tls import (
@@ -41,6 +44,12 @@ from dicomfw.relay.tls import (
 )
 
 log = logging.getLogger("dicomfw.relay")
+
+#: After a drain, how long the A-ABORTs sent to what was left may take to be written.
+_ABORT_FLUSH_SECONDS: Final = 1.0
+#: A balancer sends the PROXY header with its first segment; a connection that has not within
+#: this time is not from a working balancer.
+_PROXY_HEADER_SECONDS: Final = 5.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +94,7 @@ class AssociationInfo:
     called_ae: str | None = None
     route: str | None = None
     requests: int = 0  # requests the upstream answered with a final status
+    proxied_by: IPAddress | None = None  # the balancer, when ``address`` came in a PROXY header
 
 
 Observer = Callable[[AssociationInfo, "Event | Refused"], None]
@@ -92,10 +102,15 @@ Observer = Callable[[AssociationInfo, "Event | Refused"], None]
 
 @dataclass(frozen=True, slots=True)
 class Refused:
-    """A connection refused before any DICOM was spoken (source address, TLS handshake)."""
+    """A connection refused before any DICOM was spoken (source address, TLS handshake).
+
+    ``cause`` sorts a TLS handshake failure into a small fixed set (``handshake_cause``), so
+    metrics can count by it without a label per OpenSSL message.
+    """
 
     why: str
     detail: str
+    cause: str = ""
 
 
 def _nodelay(transport: asyncio.BaseTransport) -> None:
@@ -127,7 +142,14 @@ class _UpstreamProtocol(asyncio.Protocol):
 class Association(asyncio.Protocol):
     """One accepted connection: its session, both transports and its timers."""
 
-    def __init__(self, relay: Relay, listener: Listener, runtime: Runtime, info: AssociationInfo):
+    def __init__(
+        self,
+        relay: Relay,
+        listener: Listener,
+        runtime: Runtime,
+        info: AssociationInfo,
+        gate: Gate,
+    ) -> None:
         self._relay = relay
         self._runtime = runtime  # the rules it started with, whatever reloads come later
         self._listener = listener
@@ -137,6 +159,9 @@ class Association(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._last_activity = 0.0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._gate = gate  # this connection's lease on the relay's rate limits and caps
+        self._wakeup: asyncio.TimerHandle | None = None  # a delayed request's timer
+        self._backpressure: set[Side] = set()  # sides not read until the other side drains
         self.info = info
 
     # ---- requester side (asyncio.Protocol) -----------------------------------------------------
@@ -153,6 +178,8 @@ class Association(asyncio.Protocol):
             self.info.address,
             self.info.identity,
             config.limits.max_pdu_bytes,
+            self._gate,
+            self._loop.time,
         )
         self._last_activity = self._loop.time()
         self._timer = self._loop.call_later(config.limits.artim_seconds, self._on_timer)
@@ -220,7 +247,6 @@ class Association(asyncio.Protocol):
         ssl_object = transport.get_extra_info("ssl_object")
         if context is not None and ssl_object is not None:
             self.info.tls_resumed_upstream = ssl_object.session_reused
-            context.remember(ssl_object)
         self._execute(self._session.upstream_connected())
 
     # ---- shared plumbing -----------------------------------------------------------------------
@@ -237,10 +263,12 @@ class Association(asyncio.Protocol):
             self._finish()
 
     def _remember_upstream_session(self, transport: asyncio.Transport) -> None:
-        """TLS 1.3 tickets arrive after the handshake: keep the freshest one at close."""
-        assert self._session is not None
-        if self._session.route is None:
+        """Keep the session of a full handshake for the next association, at close: TLS 1.3
+        tickets arrive after the handshake. A resumed session is already the cached one, and
+        reading ``ssl_object.session`` costs ~110 µs (CPython copies it), so it is skipped."""
+        if self.info.tls_resumed_upstream is not False:
             return
+        assert self._session is not None and self._session.route is not None
         context = self._runtime.client_contexts.get(self._session.route.upstream)
         ssl_object = transport.get_extra_info("ssl_object")
         if context is not None and ssl_object is not None:
@@ -251,14 +279,33 @@ class Association(asyncio.Protocol):
         return sum(t.get_write_buffer_size() for t in self._transports.values())
 
     def pause_reading(self, side: Side) -> None:
-        transport = self._transports.get(side)
-        if transport is not None and transport.is_reading():
-            transport.pause_reading()
+        """Backpressure: the other side's write buffer is full."""
+        self._backpressure.add(side)
+        self._update_reading(side)
 
     def resume_reading(self, side: Side) -> None:
+        self._backpressure.discard(side)
+        self._update_reading(side)
+
+    def _update_reading(self, side: Side) -> None:
+        """Read ``side`` unless backpressure or (the requester) a delayed request stops it."""
         transport = self._transports.get(side)
-        if transport is not None and not transport.is_reading():
+        if transport is None:
+            return
+        held = side is Side.REQUESTER and self._session is not None and self._session.holding
+        if side in self._backpressure or held:
+            if transport.is_reading():
+                transport.pause_reading()
+        elif not transport.is_reading():
             transport.resume_reading()
+
+    def _wake(self) -> None:
+        """A delayed request's time has come: forward it and read the requester again."""
+        self._wakeup = None
+        assert self._session is not None
+        self._last_activity = self._loop.time()
+        self._execute(self._session.wakeup())
+        self._update_reading(Side.REQUESTER)
 
     def _execute(self, commands: Iterable[Command]) -> None:
         for command in commands:
@@ -277,6 +324,10 @@ class Association(asyncio.Protocol):
             elif kind is ConnectUpstream:
                 assert isinstance(command, ConnectUpstream)
                 self._spawn(self._connect(command.upstream))
+            elif kind is Wakeup:
+                assert isinstance(command, Wakeup)
+                self._update_reading(Side.REQUESTER)
+                self._wakeup = self._loop.call_later(command.delay, self._wake)
             else:
                 assert self._session is not None
                 session = self._session
@@ -294,6 +345,8 @@ class Association(asyncio.Protocol):
             self._execute(session.timed_out("artim"))
             return
         quiet = self._loop.time() - self._last_activity
+        if session.holding:  # waiting for a delayed request is not idleness
+            quiet = 0.0
         if quiet >= limits.idle_seconds:
             self._execute(session.timed_out("idle"))
         else:
@@ -302,6 +355,9 @@ class Association(asyncio.Protocol):
     def _finish(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        self._gate.release()
         self._relay.associations.discard(self)
 
     def _spawn(self, coroutine: Any) -> None:
@@ -317,6 +373,19 @@ class Association(asyncio.Protocol):
             transport.close()
 
 
+async def _read_proxy_header(connection: socket.socket) -> ProxyHeader:
+    """Exactly the header's bytes: what follows is the client's, for TLS or the session."""
+    loop = asyncio.get_running_loop()
+    reader = ProxyHeaderReader()
+    while True:
+        data = await loop.sock_recv(connection, reader.need)
+        if not data:
+            raise InvalidProxyHeader("the connection closed before the PROXY header ended")
+        header = reader.feed(data)
+        if header is not None:
+            return header
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"{error.reason}: {error.verify_message}"
@@ -327,6 +396,47 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+#: OpenSSL verify results (X509_V_ERR_*) that say which of a client certificate's checks failed.
+_VERIFY_CAUSES: Final = {
+    2: "unknown_ca",  # unable to get issuer certificate
+    18: "unknown_ca",  # self-signed certificate
+    19: "unknown_ca",  # self-signed certificate in chain
+    20: "unknown_ca",  # unable to get local issuer certificate
+    21: "unknown_ca",  # unable to verify the first certificate
+    10: "certificate_expired",
+    23: "certificate_revoked",
+}
+#: OpenSSL reason codes of handshakes that failed before certificates were compared.
+_REASON_CAUSES: Final = {
+    "PEER_DID_NOT_RETURN_A_CERTIFICATE": "no_certificate",
+    "UNSUPPORTED_PROTOCOL": "protocol_version",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
+    "WRONG_SSL_VERSION": "protocol_version",
+    "NO_PROTOCOLS_AVAILABLE": "protocol_version",
+    "NO_SHARED_CIPHER": "no_shared_cipher",
+    "WRONG_VERSION_NUMBER": "not_tls",  # e.g. plain DICOM sent to a TLS listener
+    "HTTP_REQUEST": "not_tls",
+    "HTTPS_PROXY_REQUEST": "not_tls",
+}
+
+
+def handshake_cause(error: BaseException) -> str:
+    """Why a listener's TLS handshake failed, as one of a fixed set of labels: no_certificate,
+    unknown_ca, certificate_expired, certificate_revoked, certificate_invalid, protocol_version,
+    no_shared_cipher, not_tls, peer_alert (the client refused us), timeout, connection_lost,
+    other."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return _VERIFY_CAUSES.get(error.verify_code, "certificate_invalid")
+    if isinstance(error, ssl.SSLError):
+        reason = error.reason or ""
+        return _REASON_CAUSES.get(reason, "peer_alert" if "_ALERT_" in reason else "other")
+    if isinstance(error, TimeoutError):
+        return "timeout"
+    if isinstance(error, OSError):  # ConnectionResetError, EOF in the handshake, ...
+        return "connection_lost"
+    return "other"
+
+
 class Relay:
     """All listeners of one daemon process, sharing the current ``Runtime``."""
 
@@ -334,6 +444,7 @@ class Relay:
         self.runtime = runtime
         self.observers = list(observers)
         self.associations: set[Association] = set()
+        self.limiter = Limiter()  # survives reloads: counts of open associations stay true
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -369,18 +480,62 @@ class Relay:
 
     def _admit(self, listener: Listener, connection: socket.socket, peer: Any) -> None:
         runtime = self.runtime
+        # The listener as the current rules define it (PROXY settings follow a reload).
+        listener = next((x for x in runtime.config.listeners if x.name == listener.name), listener)
         info = AssociationInfo(listener.name, ipaddress.ip_address(peer[0]), peer[1])
+        if listener.proxy_protocol:
+            if not in_networks(listener.proxy_from, info.address):
+                self.notify(info, Refused("proxy_source_denied", str(info.address)))
+                connection.close()
+                return
+            self._spawn_handshake(self._proxied(listener, runtime, info, connection))
+            return
+        gate = self._check_source(listener, runtime, info, connection)
+        if gate is not None:
+            self._spawn_handshake(self._open(listener, runtime, info, connection, gate))
+
+    def _check_source(
+        self, listener: Listener, runtime: Runtime, info: AssociationInfo, connection: socket.socket
+    ) -> Gate | None:
+        """The source allowlist and the pending-connection cap, before a byte of TLS or DICOM is
+        read; on refusal the connection is closed and ``None`` returned."""
         if not runtime.config.policy.admits_source(info.address):
             self.notify(info, Refused("source_address_denied", str(info.address)))
             connection.close()
-            return
+            return None
+        gate = self.limiter.connect(runtime.config.limits.rates, listener.name, info.address)
+        if gate is None:  # too many connections from there that have not associated yet
+            self.notify(info, Refused("pending_limit_exceeded", str(info.address)))
+            connection.close()
+            return None
         connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        context = runtime.server_contexts.get(listener.name)
-        task = asyncio.get_running_loop().create_task(
-            self._open(listener, runtime, info, connection, context)
-        )
+        return gate
+
+    def _spawn_handshake(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._handshakes.add(task)
         task.add_done_callback(self._handshakes.discard)
+
+    async def _proxied(
+        self, listener: Listener, runtime: Runtime, info: AssociationInfo, connection: socket.socket
+    ) -> None:
+        """A listener behind a load balancer: read its PROXY v2 header (bounded in size and
+        time, and never a byte beyond it), then go on as if the real client had connected."""
+        try:
+            header = await asyncio.wait_for(_read_proxy_header(connection), _PROXY_HEADER_SECONDS)
+        except (InvalidProxyHeader, OSError, TimeoutError) as error:
+            self.notify(info, Refused("proxy_header_invalid", _describe(error)))
+            connection.close()
+            return
+        except asyncio.CancelledError:
+            connection.close()
+            raise
+        if header.source is not None:  # PROXY; LOCAL is the balancer's own connection
+            info.proxied_by = info.address
+            info.address, info.port = header.source
+        gate = self._check_source(listener, runtime, info, connection)
+        if gate is not None:
+            await self._open(listener, runtime, info, connection, gate)
 
     async def _open(
         self,
@@ -388,12 +543,13 @@ class Relay:
         runtime: Runtime,
         info: AssociationInfo,
         connection: socket.socket,
-        context: ssl.SSLContext | None,
+        gate: Gate,
     ) -> None:
         loop = asyncio.get_running_loop()
+        context = runtime.server_contexts.get(listener.name)
         try:
             await loop.connect_accepted_socket(
-                lambda: Association(self, listener, runtime, info),
+                lambda: Association(self, listener, runtime, info, gate),
                 connection,
                 ssl=context,
                 ssl_handshake_timeout=runtime.config.limits.tls_handshake_seconds
@@ -401,8 +557,14 @@ class Relay:
                 else None,
             )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as error:
-            self.notify(info, Refused("tls_handshake_failed", _describe(error)))
+            refused = Refused("tls_handshake_failed", _describe(error), handshake_cause(error))
+            self.notify(info, refused)
             connection.close()
+            gate.release()
+        except asyncio.CancelledError:  # the daemon stopped before the handshake ended
+            connection.close()
+            gate.release()
+            raise
 
     def bound_ports(self) -> dict[str, int]:
         """Listener name -> the port it actually bound (useful with port 0 in tests)."""
@@ -422,14 +584,30 @@ class Relay:
             except Exception:  # an observer must never break the relay
                 log.exception("event=observer_failed")
 
-    async def stop(self, drain_seconds: float = 0.0) -> None:
-        """Stop accepting; let open associations finish up to ``drain_seconds``; abort the rest."""
+    async def close_listeners(self) -> None:
+        """Stop accepting: from now on the kernel refuses new connections (idempotent)."""
         for task in self._accepting:
             task.cancel()
+        await asyncio.gather(*self._accepting, return_exceptions=True)
         for sock in self._sockets:
             sock.close()
+
+    async def stop(self, drain_seconds: float = 0.0) -> None:
+        """Stop accepting; let open associations finish up to ``drain_seconds``; abort the rest.
+
+        The listening sockets close first, so from then on the kernel refuses new connections
+        (a balancer or the modality retries elsewhere or later). What is still open at the
+        deadline gets A-ABORT on both sides (PS3.8 §9.3.8), so no peer takes an unfinished
+        transfer for a stored one; the aborts are given a moment to be written.
+        """
+        await self.close_listeners()
         deadline = time.monotonic() + drain_seconds
-        while self.associations and time.monotonic() < deadline:
+        while (self.associations or self._handshakes) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
+        for handshake in list(self._handshakes):
+            handshake.cancel()
         for association in list(self.associations):
             association.abort()
+        deadline = time.monotonic() + _ABORT_FLUSH_SECONDS
+        while self.associations and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)

@@ -1,0 +1,386 @@
+"""The audit trail: who connected, what they did, what was refused and why (DESIGN §6).
+
+One JSON object per line: one per association when it ends (who: AE titles, source address,
+certificate; what: services and SOP classes with counts, instances stored, bytes both ways;
+outcome, reason and timing), one per refused connection, rejected association, refused request
+and failed request, and one when the daemon starts and stops. The same records feed the IHE
+ATNA sink (``dicomfw.atna``). Unlike metrics, the audit keeps AE titles and addresses exactly as
+received: that is what an investigation needs.
+
+It must never slow the relay. While an association runs the observer only counts into a small
+per-association dict; a record is built once per association (or refusal), and serialising and
+writing happen on a writer thread behind a bounded queue. When a sink falls ``queue_size``
+events behind, new events are dropped and counted (``dicomfw_audit_events_dropped_total``)
+instead of waited for: a stuck disk or collector costs audit events, never DICOM traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Protocol, TextIO
+
+from dicomfw.config.model import Config
+from dicomfw.core.dimse import status_class
+from dicomfw.core.session import (
+    AssociationAccepted,
+    AssociationEnded,
+    AssociationRejected,
+    Event,
+    RequestCompleted,
+    RequestForwarded,
+    RequestRefused,
+)
+from dicomfw.core.uids import name_of
+from dicomfw.logsetup import log_event
+from dicomfw.relay.server import AssociationInfo, Refused
+
+log = logging.getLogger("dicomfw.audit")
+
+Record = dict[str, Any]
+#: Per (service, SOP class): requests, then answers by status class, then firewall refusals.
+COUNTS: Final = ("requests", "success", "warning", "failure", "cancel", "refused")
+_INDEX: Final = {name: i for i, name in enumerate(COUNTS)}
+_BATCH: Final = 512  # records written per write()+flush() at most
+#: How often a writer thread looks for records to write (also the most an event waits).
+_INTERVAL_SECONDS: Final = 0.05
+
+
+def timestamp(seconds: float) -> str:
+    """RFC 3339 / xsd:dateTime in UTC with milliseconds, e.g. 2025-01-31T09:30:00.125Z."""
+    moment = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    return moment.replace("+00:00", "Z")
+
+
+# ---- sinks: a bounded queue in front of a slow writer -------------------------------------------
+
+
+class Writer(Protocol):
+    def write(self, batch: list[Record]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class QueuedSink:
+    """Hands records to ``writer`` on a thread of its own, through at most ``queue_size``
+    pending records.
+
+    ``submit`` never blocks and never signals the writer thread: it appends to a deque (atomic
+    under the GIL, ~0.1 µs), and the writer wakes every ``_INTERVAL_SECONDS`` to write what
+    has gathered in one batch. Waking the writer per record would cost the relay a GIL
+    hand-over per record. When ``queue_size`` records are pending the record is dropped and
+    ``on_drop`` called; a failed write loses that batch and calls ``on_error``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        writer: Writer,
+        queue_size: int,
+        on_drop: Callable[[], None] | None = None,
+        on_error: Callable[[], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.dropped = 0
+        self._writer = writer
+        self._pending: deque[Record] = deque()
+        self._capacity = queue_size
+        self._on_drop = on_drop
+        self._on_error = on_error
+        self._dropping = False  # log once per episode of drops, not per event
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"audit-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, record: Record) -> None:
+        if len(self._pending) < self._capacity:
+            self._pending.append(record)
+            return
+        self.dropped += 1
+        if self._on_drop is not None:
+            self._on_drop()
+        if not self._dropping:
+            self._dropping = True
+            log_event(log, logging.WARNING, "audit_events_dropped", sink=self.name)
+
+    def _run(self) -> None:
+        pending = self._pending
+        while True:
+            closing = self._closing.wait(_INTERVAL_SECONDS)
+            while pending:
+                batch = [pending.popleft() for _ in range(min(len(pending), _BATCH))]
+                self._write(batch)
+            if closing:
+                return
+
+    def _write(self, batch: list[Record]) -> None:
+        try:
+            self._writer.write(batch)
+        except Exception as error:  # a sink failure must not end the thread
+            self._failed(error, len(batch))
+        else:
+            self._dropping = False
+
+    def _failed(self, error: Exception, lost: int) -> None:
+        if self._on_error is not None:
+            self._on_error()
+        log_event(
+            log, logging.ERROR, "audit_write_failed", sink=self.name, lost=lost, error=repr(error)
+        )
+
+    def close(self, timeout: float) -> None:
+        """Write what is pending (waiting at most ``timeout``), then close the writer."""
+        self._closing.set()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log_event(
+                log,
+                logging.WARNING,
+                "audit_flush_incomplete",
+                sink=self.name,
+                pending=len(self._pending),
+            )
+            return  # the writer is stuck: leave it (a daemon thread) rather than hang the exit
+        try:
+            self._writer.close()  # may flush the last bytes
+        except OSError as error:
+            self._failed(error, 0)
+
+
+class JsonLines:
+    """One compact JSON object per line, flushed per batch, to a file (appended) or stdout."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._stream: TextIO = sys.stdout if path is None else path.open("a", encoding="utf-8")
+        self._owned = path is not None
+
+    def write(self, batch: list[Record]) -> None:
+        self._stream.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in batch))
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._owned:
+            self._stream.close()
+
+
+# ---- the observer ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Facts:
+    """What one established association did, accumulated until it ends."""
+
+    upstream: Record | None
+    refused_contexts: list[Record]
+    operations: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    instances_stored: int = 0
+
+    def count(self, service: str, sop_class: str, column: str) -> None:
+        counts = self.operations.get((service, sop_class))
+        if counts is None:
+            counts = self.operations[(service, sop_class)] = [0] * len(COUNTS)
+        counts[_INDEX[column]] += 1
+
+
+class AuditTrail:
+    """The audit observer: turns relay events into records for every sink."""
+
+    def __init__(self, sinks: Sequence[QueuedSink]) -> None:
+        self.sinks = list(sinks)
+        self._facts: dict[int, _Facts] = {}  # id(AssociationInfo) -> facts, until its end
+        self._upstream_of_route: dict[str, Record] = {}
+
+    def configure(self, config: Config) -> None:
+        """Learn where each route goes (for the records of associations that start from now)."""
+        upstreams = {u.name: u for u in config.upstreams}
+        self._upstream_of_route = {
+            route.name: {
+                "name": route.upstream,
+                "host": upstreams[route.upstream].host,
+                "port": upstreams[route.upstream].port,
+            }
+            for route in config.policy.routes
+        }
+
+    def application(self, what: str, config_path: Path) -> None:
+        """The daemon started or is stopping (``what``: "start" or "stop")."""
+        self._submit(
+            {
+                "event": f"application_{what}",
+                "time": timestamp(time.time()),
+                "config": str(config_path),
+            }
+        )
+
+    def close(self, timeout: float = 5.0) -> None:
+        for sink in self.sinks:
+            sink.close(timeout)
+
+    def _submit(self, record: Record) -> None:
+        for sink in self.sinks:
+            sink.submit(record)
+
+    def __call__(self, info: AssociationInfo, event: Event | Refused) -> None:
+        kind = type(event)
+        if kind is RequestForwarded:
+            assert isinstance(event, RequestForwarded)
+            facts = self._facts.get(id(info))
+            if facts is not None:
+                facts.count(event.service, event.sop_class, "requests")
+        elif kind is RequestCompleted:
+            assert isinstance(event, RequestCompleted)
+            self._completed(info, event)
+        elif kind is RequestRefused:
+            assert isinstance(event, RequestRefused)
+            facts = self._facts.get(id(info))
+            if facts is not None:
+                facts.count(event.service, event.sop_class, "requests")
+                facts.count(event.service, event.sop_class, "refused")
+            self._request_record(
+                info,
+                "request_refused",
+                event.service,
+                event.sop_class,
+                event.status,
+                event.message_id,
+                event.why,
+                event.detail,
+            )
+        elif kind is AssociationAccepted:
+            assert isinstance(event, AssociationAccepted)
+            refused = [
+                {"sop_class": name_of(uid), "sop_class_uid": uid, "reason": why}
+                for _, uid, why in event.refused_contexts
+            ]
+            self._facts[id(info)] = _Facts(self._upstream_of_route.get(event.route), refused)
+        elif kind is AssociationEnded:
+            assert isinstance(event, AssociationEnded)
+            self._association_record(info, event)
+        elif kind is AssociationRejected:
+            assert isinstance(event, AssociationRejected)
+            record = _who(info, "association_rejected")
+            record.update(
+                calling_ae=event.calling_ae,
+                called_ae=event.called_ae,
+                route=info.route,
+                reason=event.why,
+                detail=event.detail,
+                by_upstream=event.by_upstream,
+                rejection={"result": event.result, "source": event.source, "reason": event.reason},
+            )
+            self._submit(record)
+        elif kind is Refused:
+            assert isinstance(event, Refused)
+            record = _who(info, "connection_refused")
+            record.update(reason=event.why, cause=event.cause or None, detail=event.detail)
+            self._submit(record)
+
+    def _completed(self, info: AssociationInfo, event: RequestCompleted) -> None:
+        answer = status_class(event.status)
+        facts = self._facts.get(id(info))
+        if facts is not None:
+            facts.count(event.service, event.sop_class, answer)
+            if event.service == "C-STORE" and answer in ("success", "warning"):
+                facts.instances_stored += 1
+        if answer == "failure":
+            self._request_record(
+                info,
+                "request_failed",
+                event.service,
+                event.sop_class,
+                event.status,
+                event.message_id,
+                "",
+                "",
+            )
+
+    def _request_record(
+        self,
+        info: AssociationInfo,
+        name: str,
+        service: str,
+        sop_class: str,
+        status: int,
+        message_id: int | None,
+        why: str,
+        detail: str,
+    ) -> None:
+        record = _who(info, name)
+        record.update(
+            calling_ae=info.calling_ae,
+            called_ae=info.called_ae,
+            route=info.route,
+            service=service,
+            sop_class=name_of(sop_class),
+            sop_class_uid=sop_class,
+            message_id=message_id,
+            status=f"0x{status:04X}",
+        )
+        if why:
+            record.update(reason=why, detail=detail)
+        self._submit(record)
+
+    def _association_record(self, info: AssociationInfo, event: AssociationEnded) -> None:
+        facts = self._facts.pop(id(info), None)
+        now = time.time()
+        duration = time.monotonic() - info.started
+        record = _who(info, "association")
+        record.update(
+            calling_ae=info.calling_ae,
+            called_ae=info.called_ae,
+            route=info.route,
+            upstream=facts.upstream if facts is not None else None,
+            outcome=event.how,
+            reason=event.why,
+            detail=event.detail,
+            start=timestamp(now - duration),
+            end=timestamp(now),
+            duration_seconds=round(duration, 6),
+            bytes_from_requester=info.bytes_from_requester,
+            bytes_from_upstream=info.bytes_from_upstream,
+            operations=[
+                {"service": service, "sop_class": name_of(uid), "sop_class_uid": uid}
+                | dict(zip(COUNTS, counts, strict=True))
+                for (service, uid), counts in (facts.operations.items() if facts else ())
+            ],
+            instances_stored=facts.instances_stored if facts is not None else 0,
+            refused_contexts=facts.refused_contexts if facts is not None else [],
+        )
+        self._submit(record)
+
+
+def _who(info: AssociationInfo, name: str) -> Record:
+    """The fields every record has: what happened, when, on which listener, from where."""
+    identity = info.identity
+    return {
+        "event": name,
+        "time": timestamp(time.time()),
+        "listener": info.listener,
+        "source": {
+            "address": str(info.address),
+            "port": info.port,
+            "via": None if info.proxied_by is None else str(info.proxied_by),  # PROXY protocol
+        },
+        "certificate": None
+        if identity is None
+        else {"subject_cn": identity.subject_cn, "sha256": identity.fingerprint_sha256},
+    }
+
+
+def json_lines_sink(
+    path: Path | None,
+    queue_size: int,
+    on_drop: Callable[[], None] | None = None,
+    on_error: Callable[[], None] | None = None,
+) -> QueuedSink:
+    """The JSON-lines sink for ``path`` (None: stdout). Opens the file now, so a bad path fails
+    the start rather than the first event."""
+    return QueuedSink("file", JsonLines(path), queue_size, on_drop, on_error)

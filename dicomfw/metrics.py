@@ -1,0 +1,361 @@
+"""Prometheus metrics, fed by the same relay events as the log and the audit trail (DESIGN §6).
+
+Names follow the Prometheus conventions: ``dicomfw_`` prefix, base units (``_seconds``,
+``_bytes``), ``_total`` on counters. Every label value comes from the rules file (listener,
+route, upstream and peer names, the SOP classes the rules list) or from a fixed set in the code
+(outcomes, status classes, the stable ``why`` strings of the core and relay): an AE title or
+address sent by a stranger never becomes a series, so a scan cannot blow up the TSDB.
+
+The observer does O(1) work per event and never blocks: bytes are counted once per association
+at its end, not per PDU, and request round trips are timed from ``RequestForwarded`` to
+``RequestCompleted`` with one dict entry per outstanding request.
+
+Several worker processes: start every process with ``PROMETHEUS_MULTIPROC_DIR`` set to the same
+empty directory (prometheus-client then keeps each value in a per-process mmap file), let one
+process serve ``/metrics`` (``MetricsServer`` then aggregates all files with
+``MultiProcessCollector``), and have the supervisor call
+``prometheus_client.multiprocess.mark_process_dead(pid)`` when a worker exits. Each gauge below
+declares how its per-process values combine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+from wsgiref.simple_server import WSGIServer
+
+from cryptography import x509
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+from dicomfw.config.model import Config, MetricsEndpoint
+from dicomfw.core.dimse import status_class
+from dicomfw.core.policy import VERIFICATION_SOP_CLASS
+from dicomfw.core.session import (
+    AssociationAccepted,
+    AssociationEnded,
+    AssociationRejected,
+    Event,
+    RequestCompleted,
+    RequestForwarded,
+    RequestRefused,
+)
+from dicomfw.core.uids import name_of
+from dicomfw.logsetup import log_event
+from dicomfw.relay.server import AssociationInfo, Refused
+
+log = logging.getLogger("dicomfw.metrics")
+
+#: Ends of an association the firewall imposed because a peer broke the protocol or went
+#: quiet: counted as refusals next to the policy's own.
+PROTOCOL_REFUSALS: Final = frozenset(
+    {"requester_protocol_error", "upstream_protocol_error", "artim_timeout", "idle_timeout"}
+)
+NONE: Final = "none"  # label value: no route (yet)
+UNKNOWN: Final = "unknown"  # label value: an AE title that is no configured peer
+OTHER: Final = "other"  # label value: a SOP class the rules do not name
+
+_DURATION_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+_ROUND_TRIP_BUCKETS: Final = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
+)  # fmt: skip
+
+
+@dataclass(slots=True)
+class _Open:
+    """What the observer remembers about one established association."""
+
+    route: str
+    forwarded: dict[int, float] = field(default_factory=dict)  # message ID -> monotonic time
+
+
+class Metrics:
+    """The metrics of one daemon process, in their own registry (several firewalls in one test
+    process keep separate counts). Call ``configure`` with the rules in force, then use the
+    instance as a relay observer."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.associations = Counter(
+            "dicomfw_associations_total",
+            "Connections by how they ended: released, aborted, closed (during set-up), "
+            "rejected (A-ASSOCIATE-RJ) or refused (before any DICOM: address, TLS).",
+            ["listener", "route", "peer", "outcome"],
+            registry=r,
+        )
+        self.active = Gauge(
+            "dicomfw_active_associations",
+            "Associations the upstream accepted that have not ended yet.",
+            ["listener"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.refusals = Counter(
+            "dicomfw_refusals_total",
+            "What the firewall refused, by stage (connection, association, context, request, "
+            "protocol) and stable reason.",
+            ["listener", "stage", "reason"],
+            registry=r,
+        )
+        self.tls_failures = Counter(
+            "dicomfw_tls_handshake_failures_total",
+            "Failed TLS handshakes on listeners, by cause.",
+            ["listener", "cause"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "dicomfw_dimse_requests_total",
+            "DIMSE requests by service, SOP class (as the rules name it, else 'other') and the "
+            "class of their final status; requests the firewall refused count as failure.",
+            ["route", "service", "sop_class", "status"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "dicomfw_bytes_total",
+            "Bytes received from each side, counted when the association ends.",
+            ["listener", "route", "direction"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "dicomfw_association_duration_seconds",
+            "From TCP accept to the end of the association.",
+            ["listener", "route"],
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.round_trip = Histogram(
+            "dicomfw_dimse_round_trip_seconds",
+            "From the firewall passing a request (its command) to relaying its final response; "
+            "includes any delay a request rate limit imposed.",
+            ["route", "service"],
+            buckets=_ROUND_TRIP_BUCKETS,
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "dicomfw_upstream_connect_failures_total",
+            "Upstream connections that failed (refused, unreachable, TLS, timeout).",
+            ["upstream"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            "dicomfw_rule_reloads_total",
+            "Reloads of rules and certificates, by result (success or failure).",
+            ["result"],
+            registry=r,
+        )
+        self.reload_ok = Gauge(
+            "dicomfw_rules_last_reload_successful",
+            "1 if the last reload succeeded (or none was tried), 0 if the old rules are in force.",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.rules_info = Gauge(
+            "dicomfw_rules_info",
+            "The rules file in force: value 1 on the series whose sha256 label is its hash.",
+            ["sha256"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.not_after = Gauge(
+            "dicomfw_certificate_not_after_timestamp_seconds",
+            "Expiry (notAfter, Unix time) of the earliest-expiring certificate in each file.",
+            ["file", "role"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.audit_dropped = Counter(
+            "dicomfw_audit_events_dropped_total",
+            "Audit events dropped because the sink's queue was full.",
+            ["sink"],
+            registry=r,
+        )
+        self.audit_errors = Counter(
+            "dicomfw_audit_write_errors_total",
+            "Audit writes or sends that failed (events lost).",
+            ["sink"],
+            registry=r,
+        )
+        for result in ("success", "failure"):  # exported from the start, so increase() works
+            self.reloads.labels(result)
+        self.reload_ok.set(1)
+        self._open: dict[int, _Open] = {}  # id(AssociationInfo) -> state, until the end event
+        self._peers: frozenset[str] = frozenset()
+        self._sop_labels: dict[str, str] = {}
+        self._upstream_of_route: dict[str, str] = {}
+        self._rules_hash = ""
+        self._certificates: set[tuple[str, str]] = set()
+        self._request_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+
+    # ---- configuration ------------------------------------------------------------------------
+
+    def configure(self, config: Config) -> None:
+        """Take label sets, rules version and certificate expiry from the rules now in force.
+
+        Called at start and after each successful reload (it reads the certificate files, like
+        the reload itself, never per association)."""
+        policy = config.policy
+        self._peers = frozenset(peer.ae_title for peer in policy.peers)
+        uids = {VERIFICATION_SOP_CLASS}
+        for route in policy.routes:
+            for rule in route.allow:
+                uids |= rule.sop_classes or set()
+        self._sop_labels = {uid: name_of(uid) for uid in uids}
+        self._upstream_of_route = {route.name: route.upstream for route in policy.routes}
+        try:
+            digest = hashlib.sha256(config.source.read_bytes()).hexdigest()
+        except OSError:
+            digest = UNKNOWN
+        if digest != self._rules_hash:
+            if self._rules_hash:
+                self.rules_info.labels(self._rules_hash).set(0)  # what stays in multiprocess mode
+                self.rules_info.remove(self._rules_hash)
+            self.rules_info.labels(digest).set(1)
+            self._rules_hash = digest
+        self._set_certificates(config)
+
+    def _set_certificates(self, config: Config) -> None:
+        current: set[tuple[str, str]] = set()
+        for role, path in config.certificate_files():
+            expiry = _earliest_not_after(path)
+            if expiry is None:
+                continue
+            key = (str(path), role)
+            self.not_after.labels(*key).set(expiry)
+            current.add(key)
+        for key in self._certificates - current:
+            self.not_after.remove(*key)
+        self._certificates = current
+
+    def reload_succeeded(self, config: Config) -> None:
+        self.reloads.labels("success").inc()
+        self.reload_ok.set(1)
+        self.configure(config)
+
+    def reload_failed(self) -> None:
+        self.reloads.labels("failure").inc()
+        self.reload_ok.set(0)
+
+    def audit_counters(self, sink: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(count a dropped event, count a failed write) for the audit sink called ``sink``."""
+        return self.audit_dropped.labels(sink).inc, self.audit_errors.labels(sink).inc
+
+    # ---- the observer -------------------------------------------------------------------------
+
+    def __call__(self, info: AssociationInfo, event: Event | Refused) -> None:
+        kind = type(event)
+        if kind is RequestForwarded:
+            assert isinstance(event, RequestForwarded)
+            state = self._open.get(id(info))
+            if state is not None:
+                state.forwarded[event.message_id] = time.monotonic()
+        elif kind is RequestCompleted:
+            assert isinstance(event, RequestCompleted)
+            self._completed(info, event)
+        elif kind is RequestRefused:
+            assert isinstance(event, RequestRefused)
+            route = info.route or NONE
+            sop_class = self._sop_labels.get(event.sop_class, OTHER)
+            self.requests.labels(route, event.service, sop_class, "failure").inc()
+            self.refusals.labels(info.listener, "request", event.why).inc()
+        elif kind is AssociationAccepted:
+            assert isinstance(event, AssociationAccepted)
+            self._open[id(info)] = _Open(event.route)
+            self.active.labels(info.listener).inc()
+            for _, _, why in event.refused_contexts:
+                self.refusals.labels(info.listener, "context", why).inc()
+        elif kind is AssociationRejected:
+            assert isinstance(event, AssociationRejected)
+            self.refusals.labels(info.listener, "association", event.why).inc()
+            if event.why == "upstream_unreachable":
+                upstream = self._upstream_of_route.get(info.route or "", UNKNOWN)
+                self.upstream_failures.labels(upstream).inc()
+            self._ended(info, "rejected")
+        elif kind is AssociationEnded:
+            assert isinstance(event, AssociationEnded)
+            if event.why in PROTOCOL_REFUSALS:
+                self.refusals.labels(info.listener, "protocol", event.why).inc()
+            self._ended(info, event.how)
+        elif kind is Refused:
+            assert isinstance(event, Refused)
+            self.refusals.labels(info.listener, "connection", event.why).inc()
+            if event.cause:
+                self.tls_failures.labels(info.listener, event.cause).inc()
+            self.associations.labels(info.listener, NONE, UNKNOWN, "refused").inc()
+
+    def _completed(self, info: AssociationInfo, event: RequestCompleted) -> None:
+        """Once per DIMSE request: the labelled children are cached (``labels()`` costs more
+        than the increment), keyed by label values, so the cache is as bounded as the series."""
+        state = self._open.get(id(info))
+        route = state.route if state is not None else info.route or NONE
+        sop_class = self._sop_labels.get(event.sop_class, OTHER)
+        key = (route, event.service, sop_class, status_class(event.status))
+        children = self._request_children.get(key)
+        if children is None:
+            children = (self.requests.labels(*key), self.round_trip.labels(route, event.service))
+            self._request_children[key] = children
+        children[0].inc()
+        if state is not None and event.message_id is not None:
+            started = state.forwarded.pop(event.message_id, None)
+            if started is not None:
+                children[1].observe(time.monotonic() - started)
+
+    def _ended(self, info: AssociationInfo, outcome: str) -> None:
+        """The last event of a connection that reached DICOM: count it, forget its state."""
+        if self._open.pop(id(info), None) is not None:
+            self.active.labels(info.listener).dec()
+        route = info.route or NONE
+        peer = info.calling_ae if info.calling_ae in self._peers else UNKNOWN
+        self.associations.labels(info.listener, route, peer, outcome).inc()
+        self.bytes.labels(info.listener, route, "from_requester").inc(info.bytes_from_requester)
+        self.bytes.labels(info.listener, route, "from_upstream").inc(info.bytes_from_upstream)
+        self.duration.labels(info.listener, route).observe(time.monotonic() - info.started)
+
+
+def _earliest_not_after(path: Path) -> float | None:
+    """The soonest notAfter among the PEM certificates in ``path`` (a chain or CA bundle)."""
+    try:
+        certificates = x509.load_pem_x509_certificates(path.read_bytes())
+    except (OSError, ValueError) as error:
+        log_event(log, logging.WARNING, "certificate_unreadable", file=str(path), error=error)
+        return None
+    return min(c.not_valid_after_utc.timestamp() for c in certificates)
+
+
+class MetricsServer:
+    """``/metrics`` over HTTP on its own thread, so a scrape never waits for the event loop.
+
+    With ``PROMETHEUS_MULTIPROC_DIR`` set it serves the sum over every process writing to that
+    directory instead of this process's registry.
+    """
+
+    def __init__(self, endpoint: MetricsEndpoint, registry: CollectorRegistry) -> None:
+        exposed = registry
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            exposed = CollectorRegistry()
+            MultiProcessCollector(exposed)  # type: ignore[no-untyped-call]
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # half the series
+        self._server: WSGIServer
+        self._server, self._thread = start_http_server(endpoint.port, endpoint.host, exposed)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)

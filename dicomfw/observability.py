@@ -1,0 +1,96 @@
+"""Metrics and audit as the rules file configures them, started, reconfigured and stopped together.
+
+The daemon needs three calls (start, reload result, close) and tests wire exactly what the
+daemon wires. Sections ``metrics`` and ``audit`` take effect at start: a reload applies new rules
+and certificates (and refreshes the certificate gauges) but keeps the endpoints and sinks it has,
+saying so in the log when the file asks for different ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from dicomfw.atna import atna_sink
+from dicomfw.audit import AuditTrail, QueuedSink, json_lines_sink
+from dicomfw.config.model import Config
+from dicomfw.logsetup import log_event
+from dicomfw.metrics import Metrics, MetricsServer
+from dicomfw.relay.server import Observer
+
+log = logging.getLogger("dicomfw.observability")
+_FLUSH_SECONDS = 5.0
+
+
+class Observability:
+    """What ``config.metrics`` and ``config.audit`` ask for. Raises OSError (e.g. the metrics
+    port is taken, the audit file cannot be opened) before anything is left half-started."""
+
+    def __init__(self, config: Config) -> None:
+        self.config_path = config.source
+        self._settings = (config.metrics, config.audit)
+        self.metrics = Metrics() if config.metrics is not None else None
+        self.audit: AuditTrail | None = None
+        self.server: MetricsServer | None = None
+        if self.metrics is not None:
+            self.metrics.configure(config)
+        sinks: list[QueuedSink] = []
+        settings = config.audit
+        try:
+            if settings is not None and (settings.file is not None or settings.stdout):
+                sinks.append(
+                    json_lines_sink(settings.file, settings.queue_size, *self._counted("file"))
+                )
+            if settings is not None and settings.atna is not None:
+                sinks.append(atna_sink(settings.atna, settings.queue_size, *self._counted("atna")))
+            if config.metrics is not None and self.metrics is not None:
+                self.server = MetricsServer(config.metrics, self.metrics.registry)
+        except BaseException:
+            for sink in sinks:
+                sink.close(1.0)
+            raise
+        if sinks:
+            self.audit = AuditTrail(sinks)
+            self.audit.configure(config)
+            self.audit.application("start", config.source)
+
+    def _counted(self, sink: str) -> tuple[Callable[[], None] | None, Callable[[], None] | None]:
+        if self.metrics is None:
+            return None, None
+        return self.metrics.audit_counters(sink)
+
+    @property
+    def observers(self) -> list[Observer]:
+        """The relay observers to add next to the log."""
+        found: list[Observer] = []
+        if self.metrics is not None:
+            found.append(self.metrics)
+        if self.audit is not None:
+            found.append(self.audit)
+        return found
+
+    def reloaded(self, config: Config) -> None:
+        if self.metrics is not None:
+            self.metrics.reload_succeeded(config)
+        if self.audit is not None:
+            self.audit.configure(config)
+        if (config.metrics, config.audit) != self._settings:
+            log_event(
+                log,
+                logging.WARNING,
+                "restart_needed",
+                sections="metrics,audit",
+                error="metrics and audit settings changed: they apply at the next start",
+            )
+
+    def reload_failed(self) -> None:
+        if self.metrics is not None:
+            self.metrics.reload_failed()
+
+    def close(self) -> None:
+        """After the relay stopped: record the stop, flush the sinks, stop serving metrics."""
+        if self.audit is not None:
+            self.audit.application("stop", self.config_path)
+            self.audit.close(_FLUSH_SECONDS)
+        if self.server is not None:
+            self.server.close()

@@ -1,0 +1,187 @@
+"""The dashboard and the alert rules work against what the daemon actually exports: a real
+Prometheus (Debian's package) scrapes a firewall on loopback and evaluates every expression."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.harness import WAIT, Pki, free_port, running_process, running_scp
+from tests.obs_harness import drive_mix, mixed_rules, observed_firewall, wait_until
+
+REPO = Path(__file__).resolve().parent.parent
+DASHBOARD = REPO / "grafana" / "dicomfw-dashboard.json"
+ALERTS = REPO / "prometheus" / "dicomfw-alerts.yml"
+ALERT_TESTS = REPO / "prometheus" / "dicomfw-alerts.test.yml"
+PROMETHEUS, PROMTOOL = "/usr/bin/prometheus", "/usr/bin/promtool"
+
+#: Grafana's variables, as the test resolves them: every instance and listener, short windows.
+VARIABLES = {"__rate_interval": "1m", "__range": "5m", "instance": ".*", "listener": ".*"}
+#: Panels that must show non-zero traffic after the known mix has run twice.
+TRAFFIC = {
+    "Associations by outcome",
+    "Associations by peer",
+    "DIMSE requests by service and status",
+    "Throughput",
+    "Requests by SOP class",
+    "Refusals by reason",
+    "TLS handshake failures by cause",
+    "Upstream connect failures",
+    "C-STORE and C-ECHO round trip",
+    "Association duration",
+    "Soonest certificate expiry",
+    "Certificate days left",
+}
+
+
+def resolve(expr: str) -> str:
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: VARIABLES[m.group(1)], expr)
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every target of every panel."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    return [
+        (panel["title"], target["expr"])
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", ())
+    ]
+
+
+class Api:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def get(self, path: str, **params: str) -> Any:
+        url = f"{self.base}{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=WAIT) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.get("/api/v1/query", query=expr)
+        assert data["resultType"] == "vector", (expr, data)
+        return list(data["result"])
+
+
+@contextlib.contextmanager
+def running_prometheus(directory: Path, target_port: int) -> Iterator[Api]:
+    config = directory / "prometheus.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "rule_files": [str(ALERTS)],
+                "scrape_configs": [
+                    {
+                        "job_name": "dicomfw",
+                        "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}],
+                    }
+                ],
+            }
+        )
+    )
+    port = free_port()
+    with running_process(
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={directory / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        "--log.level=warn",
+        ready_port=port,
+    ):
+        api = Api(port)
+        wait_until(lambda: _ready(api), "Prometheus to be ready")
+        yield api
+
+
+def _ready(api: Api) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api.base}/-/ready", timeout=WAIT) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+def test_promtool_accepts_the_alert_rules_and_their_unit_tests_pass() -> None:
+    for command in (
+        [PROMTOOL, "check", "rules", str(ALERTS)],
+        [PROMTOOL, "test", "rules", str(ALERT_TESTS)],
+    ):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dashboard_is_importable_with_the_datasource_as_a_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+    assert dashboard["uid"] and dashboard["title"] and dashboard["id"] is None
+    ids = [panel["id"] for panel in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
+    for panel in dashboard["panels"]:
+        if panel["type"] != "row":
+            assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+            assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
+
+
+def test_a_real_prometheus_evaluates_every_dashboard_and_alert_expression(
+    tmp_path: Path, pki: Pki
+) -> None:
+    extra = 'metrics: {bind: "127.0.0.1:0"}\naudit: {file: audit.jsonl}\n'
+    with (
+        running_scp() as pacs,
+        observed_firewall(tmp_path, mixed_rules(pki, pacs.port, extra)) as (firewall, obs),
+    ):
+        assert obs.server is not None
+        metrics_port = obs.server.port
+        with running_prometheus(tmp_path, metrics_port) as api:
+            wait_until(lambda: bool(api.query("dicomfw_rules_info == 1")), "a first scrape")
+            drive_mix(firewall, pki)  # creates the series
+            time.sleep(2.5)  # two more scrapes, so that the next mix shows in rate()
+            drive_mix(firewall, pki)
+            wait_until(
+                lambda: bool(api.query("sum(increase(dicomfw_associations_total[1m])) > 9")),
+                "the second mix to be scraped",
+            )
+            results = {
+                (title, expr): api.query(resolve(expr)) for title, expr in dashboard_queries()
+            }
+            alert_rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+            for rule in alert_rules:
+                api.query(rule["expr"])  # evaluates (an alert that does not fire is empty)
+            wait_until(
+                lambda: all(r["health"] == "ok" for r in _rules(api)), "every rule evaluated"
+            )
+            evaluated = {r["name"] for r in _rules(api)}
+            instances = api.get(
+                "/api/v1/label/instance/values", **{"match[]": "dicomfw_rules_info"}
+            )
+            listeners = api.get(
+                "/api/v1/label/listener/values", **{"match[]": "dicomfw_associations_total"}
+            )
+
+    assert {title for title, _ in results} >= TRAFFIC
+    for (title, expr), result in results.items():
+        if title in TRAFFIC:
+            values = [float(sample["value"][1]) for sample in result]
+            assert any(v > 0 for v in values), f"{title}: {expr} returned {result}"
+    assert evaluated == {rule["alert"] for rule in alert_rules}
+    assert instances == [f"127.0.0.1:{metrics_port}"]  # the dashboard's $instance choices
+    assert sorted(listeners) == ["front", "secure"]  # and its $listener choices
+
+
+def _rules(api: Api) -> list[dict[str, Any]]:
+    return [rule for group in api.get("/api/v1/rules")["groups"] for rule in group["rules"]]
