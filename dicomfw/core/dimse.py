@@ -33,16 +33,6 @@ TAG_REQUESTED_SOP_INSTANCE_UID: Final = 0x1001
 NO_DATA_SET: Final = 0x0101
 RESPONSE_BIT: Final = 0x8000
 
-_US_TAGS: Final = frozenset(
-    (
-        TAG_COMMAND_FIELD,
-        TAG_MESSAGE_ID,
-        TAG_MESSAGE_ID_RESPONDED_TO,
-        TAG_COMMAND_DATA_SET_TYPE,
-        TAG_STATUS,
-    )
-)
-
 
 @dataclass(frozen=True, slots=True)
 class DimseCommand:
@@ -66,51 +56,59 @@ def _text(value: bytes) -> str:
 
 
 def decode_command(data: bytes | bytearray) -> DimseCommand:
-    """Walk an Implicit VR LE group-0000 command set (PS3.7 §E.1)."""
-    fields: dict[int, bytes] = {}
+    """Walk an Implicit VR LE group-0000 command set (PS3.7 §E.1).
+
+    Runs once per DIMSE message (twice per C-ECHO round trip), so the walk only notes where
+    each element is and decodes the handful that policy and audit read.
+    """
+    where: dict[int, tuple[int, int]] = {}  # element -> (offset, length)
+    unpack = _ELEMENT.unpack_from
     pos = 0
     end = len(data)
     while pos < end:
         if end - pos < 8:
             raise RemoteProtocolError("truncated DIMSE command element", ABORT_INVALID_PARAMETER)
-        group, element, length = _ELEMENT.unpack_from(data, pos)
+        group, element, length = unpack(data, pos)
         pos += 8
         if group != 0x0000 or length > end - pos:
             raise RemoteProtocolError(
                 f"invalid DIMSE command element ({group:04x},{element:04x})",
                 ABORT_INVALID_PARAMETER,
             )
-        value = bytes(data[pos : pos + length])
-        if element in _US_TAGS and length != 2:
-            raise RemoteProtocolError(
-                f"DIMSE command element (0000,{element:04x}) must be 2 bytes",
-                ABORT_INVALID_PARAMETER,
-            )
-        fields[element] = value
+        where[element] = (pos, length)
         pos += length
-    if TAG_COMMAND_FIELD not in fields:
-        raise RemoteProtocolError("DIMSE command without CommandField", ABORT_INVALID_PARAMETER)
 
     def us(tag: int) -> int | None:
-        raw = fields.get(tag)
-        return None if raw is None else int(struct.unpack("<H", raw)[0])
+        found = where.get(tag)
+        if found is None:
+            return None
+        offset, length = found
+        if length != 2:
+            raise RemoteProtocolError(
+                f"DIMSE command element (0000,{tag:04x}) must be 2 bytes", ABORT_INVALID_PARAMETER
+            )
+        return data[offset] | data[offset + 1] << 8
 
-    command_field = us(TAG_COMMAND_FIELD) or 0
-    sop_class = fields.get(TAG_AFFECTED_SOP_CLASS_UID) or fields.get(TAG_REQUESTED_SOP_CLASS_UID)
-    sop_instance = fields.get(TAG_AFFECTED_SOP_INSTANCE_UID) or fields.get(
-        TAG_REQUESTED_SOP_INSTANCE_UID
-    )
-    destination = fields.get(TAG_MOVE_DESTINATION)
+    def text(*tags: int) -> str | None:
+        for tag in tags:
+            found = where.get(tag)
+            if found is not None:
+                offset, length = found
+                return _text(bytes(data[offset : offset + length]))
+        return None
+
+    command_field = us(TAG_COMMAND_FIELD)
+    if command_field is None:
+        raise RemoteProtocolError("DIMSE command without CommandField", ABORT_INVALID_PARAMETER)
+    is_response = command_field & RESPONSE_BIT
     return DimseCommand(
         command_field=command_field,
-        message_id=us(
-            TAG_MESSAGE_ID_RESPONDED_TO if command_field & RESPONSE_BIT else TAG_MESSAGE_ID
-        ),
-        sop_class=_text(sop_class) if sop_class else "",
-        sop_instance=_text(sop_instance) if sop_instance else "",
-        move_destination=_text(destination) if destination is not None else None,
+        message_id=us(TAG_MESSAGE_ID_RESPONDED_TO if is_response else TAG_MESSAGE_ID),
+        sop_class=text(TAG_AFFECTED_SOP_CLASS_UID, TAG_REQUESTED_SOP_CLASS_UID) or "",
+        sop_instance=text(TAG_AFFECTED_SOP_INSTANCE_UID, TAG_REQUESTED_SOP_INSTANCE_UID) or "",
+        move_destination=text(TAG_MOVE_DESTINATION),
         has_data_set=us(TAG_COMMAND_DATA_SET_TYPE) != NO_DATA_SET,
-        status=us(TAG_STATUS),
+        status=None if not is_response else us(TAG_STATUS),
     )
 
 
