@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
@@ -329,12 +329,17 @@ class Association(asyncio.Protocol):
                 self._update_reading(Side.REQUESTER)
                 self._wakeup = self._loop.call_later(command.delay, self._wake)
             else:
-                assert self._session is not None
-                session = self._session
-                self.info.calling_ae = session.calling_ae or None
-                self.info.called_ae = session.called_ae or None
-                self.info.route = session.route.name if session.route else None
+                if self.info.calling_ae is None:  # learnt from the A-ASSOCIATE-RQ, once
+                    self._identify()
                 self._relay.notify(self.info, command)  # type: ignore[arg-type]
+
+    def _identify(self) -> None:
+        """Copy who is talking into the info observers read (set once the RQ was decoded)."""
+        session = self._session
+        assert session is not None
+        self.info.calling_ae = session.calling_ae or None
+        self.info.called_ae = session.called_ae or None
+        self.info.route = session.route.name if session.route else None
 
     def _on_timer(self) -> None:
         session = self._session
@@ -437,6 +442,26 @@ def handshake_cause(error: BaseException) -> str:
     return "other"
 
 
+def bind_listeners(listeners: Sequence[Listener]) -> list[socket.socket]:
+    """A listening socket per listener, in order; on failure none is left open."""
+    sockets: list[socket.socket] = []
+    try:
+        for listener in listeners:
+            sockets.append(
+                socket.create_server(
+                    (listener.host, listener.port),
+                    family=socket.AF_INET6 if ":" in listener.host else socket.AF_INET,
+                    backlog=1024,
+                    reuse_port=False,
+                )
+            )
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 class Relay:
     """All listeners of one daemon process, sharing the current ``Runtime``."""
 
@@ -449,17 +474,15 @@ class Relay:
         self._accepting: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
 
-    async def start(self) -> None:
-        """Bind every listener. Accepting is ours (not ``create_server``'s) so that each
-        connection is checked against the source allowlist before a byte is read, and gets
-        the TLS context current at that moment: a reload needs no re-bind."""
-        for listener in self.runtime.config.listeners:
-            sock = socket.create_server(
-                (listener.host, listener.port),
-                family=socket.AF_INET6 if ":" in listener.host else socket.AF_INET,
-                backlog=1024,
-                reuse_port=False,
-            )
+    async def start(self, sockets: Sequence[socket.socket] | None = None) -> None:
+        """Bind every listener, or accept on ``sockets`` (one per listener, in order) that a
+        supervisor bound for all its workers. Accepting is ours (not ``create_server``'s) so
+        that each connection is checked against the source allowlist before a byte is read,
+        and gets the TLS context current at that moment: a reload needs no re-bind."""
+        listeners = self.runtime.config.listeners
+        if sockets is None:
+            sockets = bind_listeners(listeners)
+        for listener, sock in zip(listeners, sockets, strict=True):
             sock.setblocking(False)
             self._sockets.append(sock)
             task = asyncio.get_running_loop().create_task(self._accept(listener, sock))
