@@ -391,6 +391,18 @@ def _is_ca(cert: x509.Certificate) -> bool:
 # --- operations -------------------------------------------------------------------------------
 
 
+def _save_pair(
+    paths: CertPaths, key: SigningKey, cert: x509.Certificate, dir_mode: int, force: bool
+) -> CertPaths:
+    """Write a new key (0600) and its certificate together, refusing to overwrite unless forced."""
+    _ensure_dir(paths.cert.parent, dir_mode)
+    _write_files(
+        [(paths.key, _key_pem(key), KEY_MODE), (paths.cert, _cert_pem(cert), CERT_MODE)],
+        overwrite=force,
+    )
+    return paths
+
+
 def init_ca(
     directory: Path,
     name: str = "dicomfw site CA",
@@ -437,13 +449,13 @@ def init_ca(
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    paths = CertPaths(cert=directory / CA_CERT_FILE, key=directory / CA_KEY_FILE)
-    _ensure_dir(directory, 0o700)
-    _write_files(
-        [(paths.key, _key_pem(key), KEY_MODE), (paths.cert, _cert_pem(cert), CERT_MODE)],
-        overwrite=force,
+    return _save_pair(
+        CertPaths(cert=directory / CA_CERT_FILE, key=directory / CA_KEY_FILE),
+        key,
+        cert,
+        0o700,
+        force,
     )
-    return paths
 
 
 def issue(
@@ -525,13 +537,13 @@ def issue(
     if sans:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
-    paths = CertPaths(cert=out_dir / f"{name}.pem", key=out_dir / f"{name}.key")
-    _ensure_dir(out_dir, 0o755)
-    _write_files(
-        [(paths.key, _key_pem(key), KEY_MODE), (paths.cert, _cert_pem(cert), CERT_MODE)],
-        overwrite=force,
+    return _save_pair(
+        CertPaths(cert=out_dir / f"{name}.pem", key=out_dir / f"{name}.key"),
+        key,
+        cert,
+        0o755,
+        force,
     )
-    return paths
 
 
 def make_csr(
