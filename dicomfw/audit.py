@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -197,6 +198,7 @@ class AuditTrail:
         self.sinks = list(sinks)
         self._facts: dict[int, _Facts] = {}  # id(AssociationInfo) -> facts, until its end
         self._upstream_of_route: dict[str, Record] = {}
+        self._pid = os.getpid()  # several workers may write to one file: which one was it
 
     def configure(self, config: Config) -> None:
         """Learn where each route goes (for the records of associations that start from now)."""
@@ -216,6 +218,7 @@ class AuditTrail:
             {
                 "event": f"application_{what}",
                 "time": timestamp(time.time()),
+                "pid": self._pid,
                 "config": str(config_path),
             }
         )
@@ -266,7 +269,7 @@ class AuditTrail:
             self._association_record(info, event)
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
-            record = _who(info, "association_rejected")
+            record = _who(self._pid, info, "association_rejected")
             record.update(
                 calling_ae=event.calling_ae,
                 called_ae=event.called_ae,
@@ -279,7 +282,7 @@ class AuditTrail:
             self._submit(record)
         elif kind is Refused:
             assert isinstance(event, Refused)
-            record = _who(info, "connection_refused")
+            record = _who(self._pid, info, "connection_refused")
             record.update(reason=event.why, cause=event.cause or None, detail=event.detail)
             self._submit(record)
 
@@ -313,7 +316,7 @@ class AuditTrail:
         why: str,
         detail: str,
     ) -> None:
-        record = _who(info, name)
+        record = _who(self._pid, info, name)
         record.update(
             calling_ae=info.calling_ae,
             called_ae=info.called_ae,
@@ -332,7 +335,7 @@ class AuditTrail:
         facts = self._facts.pop(id(info), None)
         now = time.time()
         duration = time.monotonic() - info.started
-        record = _who(info, "association")
+        record = _who(self._pid, info, "association")
         record.update(
             calling_ae=info.calling_ae,
             called_ae=info.called_ae,
@@ -357,12 +360,14 @@ class AuditTrail:
         self._submit(record)
 
 
-def _who(info: AssociationInfo, name: str) -> Record:
-    """The fields every record has: what happened, when, on which listener, from where."""
+def _who(pid: int, info: AssociationInfo, name: str) -> Record:
+    """The fields every record has: what happened, when, in which process (worker), on which
+    listener, from where."""
     identity = info.identity
     return {
         "event": name,
         "time": timestamp(time.time()),
+        "pid": pid,
         "listener": info.listener,
         "source": {
             "address": str(info.address),

@@ -22,13 +22,13 @@ def _config_errors(errors: ConfigErrors) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dicomfw import daemon
+    from dicomfw import supervisor
 
     logsetup.setup(args.log_level, with_time=not args.journald)
     if args.pid_file is not None:
         args.pid_file.write_text(f"{os.getpid()}\n")
     try:
-        return daemon.run(args.config, args.drain_seconds)
+        return supervisor.run(args.config, args.drain_seconds)
     except ConfigErrors as errors:
         return _config_errors(errors)
     except OSError as error:  # e.g. a port already in use or needing privileges

@@ -3,6 +3,10 @@
 A reload validates everything first (rules file *and* every certificate, key and CA it names)
 and then swaps one reference: new associations get the new rules and TLS contexts, open ones
 finish on what they started with, and a failed reload changes nothing.
+
+The same loop runs the whole service (``workers: 1``) or one worker process of the supervisor
+(``dicomfw.supervisor``), which hands it the validated rules and the listening sockets it bound
+for every worker, and takes the reports that would otherwise go to systemd.
 """
 
 from __future__ import annotations
@@ -10,8 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from dicomfw.config.load import load_config
 from dicomfw.errors import ConfigError, ConfigErrors
@@ -49,14 +56,16 @@ def reload(relay: Relay, config_path: Path, observability: Observability | None 
     return ok
 
 
-def _reload(relay: Relay, config_path: Path) -> bool:
+def revalidate(current: Runtime, config_path: Path) -> Runtime | None:
+    """What a reload would swap in, or None if any of it is invalid or needs a restart (each
+    problem is logged as ``event=reload_failed``)."""
     try:
         runtime = load_runtime(config_path)
     except ConfigErrors as errors:
         for error in errors.errors:
             log_event(log, logging.ERROR, "reload_failed", error=str(error))
-        return False
-    changed = _listeners_changed(relay.runtime, runtime)
+        return None
+    changed = _listeners_changed(current, runtime)
     if changed:
         log_event(
             log,
@@ -65,6 +74,13 @@ def _reload(relay: Relay, config_path: Path) -> bool:
             listeners=",".join(changed),
             error="listener bind address or TLS on/off changed: restart the service",
         )
+        return None
+    return runtime
+
+
+def _reload(relay: Relay, config_path: Path) -> bool:
+    runtime = revalidate(relay.runtime, config_path)
+    if runtime is None:
         return False
     relay.swap(runtime)
     log_event(
@@ -84,39 +100,95 @@ def _status(relay: Relay, doing: str = "serving") -> str:
     return f"{doing}: {usage.active} associations, {usage.pending} connecting"
 
 
-def _reload_and_notify(
-    relay: Relay, config_path: Path, observability: Observability, notifier: Notifier
+class Announcer(Protocol):
+    """Whom the daemon tells that it is ready, reloading, alive and stopping: systemd, or in a
+    worker process the supervisor (which speaks to systemd for all workers)."""
+
+    def ready(self, relay: Relay) -> None: ...
+
+    def reloading(self) -> None: ...
+
+    def reloaded(self, relay: Relay, ok: bool) -> None: ...
+
+    def stopping(self, relay: Relay) -> None: ...
+
+    def start_heartbeat(self, relay: Relay) -> Callable[[], None]:
+        """Report liveness from timers on the running loop; returns a function that stops it."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SystemdAnnouncer:
+    """sd_notify(3) for a daemon that is the whole service (no-ops outside systemd)."""
+
+    def __init__(self) -> None:
+        self._notifier = Notifier()
+
+    def ready(self, relay: Relay) -> None:
+        self._notifier.ready(_status(relay))  # every listener is bound and accepting
+
+    def reloading(self) -> None:
+        self._notifier.reloading()
+
+    def reloaded(self, relay: Relay, ok: bool) -> None:
+        """READY=1 whether the reload worked or not: a failed reload keeps serving the previous
+        rules, and says so in STATUS=."""
+        self._notifier.ready(
+            _status(relay, "serving" if ok else "serving the old rules (reload failed)")
+        )
+
+    def stopping(self, relay: Relay) -> None:
+        self._notifier.stopping(_status(relay, "draining"))
+
+    def start_heartbeat(self, relay: Relay) -> Callable[[], None]:
+        return self._notifier.start_heartbeat(lambda: _status(relay))
+
+    def close(self) -> None:
+        self._notifier.close()
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What the supervisor gives one of its worker processes."""
+
+    runtime: Runtime  # the rules and TLS material the supervisor validated
+    sockets: Sequence[socket.socket]  # one listening socket per listener, shared by all workers
+    announcer: Announcer  # reports to the supervisor instead of systemd
+
+
+def _reload_and_announce(
+    relay: Relay, config_path: Path, observability: Observability, announcer: Announcer
 ) -> None:
-    """SIGHUP under systemd: RELOADING=1, then READY=1 whether the reload worked or not (a
-    failed reload keeps serving the previous rules, and says so in STATUS=)."""
-    notifier.reloading()
-    ok = reload(relay, config_path, observability)
-    notifier.ready(_status(relay, "serving" if ok else "serving the old rules (reload failed)"))
+    """SIGHUP: RELOADING=1, then READY=1 with the outcome (under systemd)."""
+    announcer.reloading()
+    announcer.reloaded(relay, reload(relay, config_path, observability))
 
 
 async def serve(
     config_path: Path,
     drain_seconds: float | None = None,
     on_ready: Callable[[Relay], None] | None = None,
+    worker: WorkerSetup | None = None,
 ) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit status.
 
     ``drain_seconds`` overrides the rules file's ``limits.drain_seconds`` (as current at
-    SIGTERM, after any reloads).
+    SIGTERM, after any reloads). ``worker``: run as one of the supervisor's workers.
     """
-    runtime = load_runtime(config_path)
-    observability = Observability(runtime.config)  # metrics endpoint, audit sinks
+    runtime = load_runtime(config_path) if worker is None else worker.runtime
+    observability = Observability(runtime.config, supervised=worker is not None)
     relay = Relay(runtime, [log_observer, *observability.observers])
     try:
-        await relay.start()
+        await relay.start(None if worker is None else worker.sockets)
     except BaseException:
         observability.close()
         raise
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    notifier = Notifier()
+    announcer = SystemdAnnouncer() if worker is None else worker.announcer
     loop.add_signal_handler(
-        signal.SIGHUP, _reload_and_notify, relay, config_path, observability, notifier
+        signal.SIGHUP, _reload_and_announce, relay, config_path, observability, announcer
     )
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -130,13 +202,13 @@ async def serve(
     )
     if on_ready is not None:
         on_ready(relay)
-    notifier.ready(_status(relay))  # every listener is bound and accepting
-    stop_heartbeat = notifier.start_heartbeat(lambda: _status(relay))
+    announcer.ready(relay)
+    stop_heartbeat = announcer.start_heartbeat(relay)
     await stop.wait()
     if drain_seconds is None:
         drain_seconds = relay.runtime.config.limits.drain_seconds
     await relay.close_listeners()
-    notifier.stopping(_status(relay, "draining"))
+    announcer.stopping(relay)
     log_event(
         log,
         logging.INFO,
@@ -146,16 +218,18 @@ async def serve(
     )
     await relay.stop(drain_seconds)  # the watchdog keeps ticking through the drain
     stop_heartbeat()
-    notifier.close()
+    announcer.close()
     observability.close()  # after the drain: the audit records every association's end
     log_event(log, logging.INFO, "stopped")
     return 0
 
 
-def run(config_path: Path, drain_seconds: float | None = None) -> int:
+def run(
+    config_path: Path, drain_seconds: float | None = None, worker: WorkerSetup | None = None
+) -> int:
     """Run the daemon on uvloop when it is installed (less CPU and memory per association)."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(serve(config_path, drain_seconds))
-    return int(uvloop.run(serve(config_path, drain_seconds)))
+        return asyncio.run(serve(config_path, drain_seconds, worker=worker))
+    return int(uvloop.run(serve(config_path, drain_seconds, worker=worker)))

@@ -35,11 +35,15 @@ def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> 
 
 
 class _Formatter(logging.Formatter):
+    #: `` worker=N pid=P`` in a worker process: several workers share one stderr (one journal
+    #: stream, which journald attributes to the main PID), so each line says whose it is.
+    process = ""
+
     def format(self, record: logging.LogRecord) -> str:
         message = record.getMessage()
         if not message.startswith("event="):  # third-party text: wrap it as an event
             message = logfmt("log", {"logger": record.name, "msg": message})
-        line = f"level={record.levelname.lower()} {message}"
+        line = f"level={record.levelname.lower()}{self.process} {message}"
         if record.exc_info:
             line += " exc=" + _value(self.formatException(record.exc_info))
         return line
@@ -57,6 +61,11 @@ def setup(level: str = "info", with_time: bool = True) -> None:
     # pynetdicom logs a peer's raw invalid AE title at ERROR; we never run its state machine,
     # but keep its codec quiet should a helper call into it.
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+
+
+def tag_process(**fields: Any) -> None:
+    """Put ``fields`` (e.g. ``worker=2, pid=1234``) on every line this process logs from now."""
+    _Formatter.process = "".join(f" {key}={_value(value)}" for key, value in fields.items())
 
 
 class _TimedFormatter(_Formatter):

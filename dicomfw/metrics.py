@@ -10,10 +10,10 @@ The observer does O(1) work per event and never blocks: bytes are counted once p
 at its end, not per PDU, and request round trips are timed from ``RequestForwarded`` to
 ``RequestCompleted`` with one dict entry per outstanding request.
 
-Several worker processes: start every process with ``PROMETHEUS_MULTIPROC_DIR`` set to the same
-empty directory (prometheus-client then keeps each value in a per-process mmap file), let one
-process serve ``/metrics`` (``MetricsServer`` then aggregates all files with
-``MultiProcessCollector``), and have the supervisor call
+Several worker processes (``dicomfw.supervisor`` does all of this): start every process with
+``PROMETHEUS_MULTIPROC_DIR`` set to the same empty directory (prometheus-client then keeps each
+value in a per-process mmap file), let one process serve ``/metrics`` (``MetricsServer`` then
+aggregates all files with ``MultiProcessCollector``), and call
 ``prometheus_client.multiprocess.mark_process_dead(pid)`` when a worker exits. Each gauge below
 declares how its per-process values combine.
 """
@@ -39,7 +39,7 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from dicomfw.config.model import Config, MetricsEndpoint
 from dicomfw.core.dimse import status_class
@@ -189,6 +189,11 @@ class Metrics:
             ["sink"],
             registry=r,
         )
+        self.worker_restarts = Counter(
+            "dicomfw_worker_restarts_total",
+            "Worker processes the supervisor started again after one died unexpectedly.",
+            registry=r,
+        )
         for result in ("success", "failure"):  # exported from the start, so increase() works
             self.reloads.labels(result)
         self.reload_ok.set(1)
@@ -248,6 +253,12 @@ class Metrics:
     def reload_failed(self) -> None:
         self.reloads.labels("failure").inc()
         self.reload_ok.set(0)
+
+    def worker_exited(self, pid: int) -> None:
+        """(Supervisor, multiprocess mode) A worker process is gone: its live gauges (open
+        associations, rules in force, ...) leave the sums; its counters stay, they count what
+        happened."""
+        mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
     def audit_counters(self, sink: str) -> tuple[Callable[[], None], Callable[[], None]]:
         """(count a dropped event, count a failed write) for the audit sink called ``sink``."""
@@ -359,3 +370,8 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+
+    def close_after_fork(self) -> None:
+        """In a process forked from the one serving: close this process's copy of the listening
+        socket (the serving thread exists only in the parent, so ``close`` would wait forever)."""
+        self._server.server_close()

@@ -1,15 +1,21 @@
 """Metrics and audit as the rules file configures them, started, reconfigured and stopped together.
 
 The daemon needs three calls (start, reload result, close) and tests wire exactly what the
-daemon wires. Sections ``metrics`` and ``audit`` take effect at start: a reload applies new rules
-and certificates (and refreshes the certificate gauges) but keeps the endpoints and sinks it has,
-saying so in the log when the file asks for different ones.
+daemon wires. Sections ``metrics``, ``audit`` and ``workers`` take effect at start: a reload
+applies new rules and certificates (and refreshes the certificate gauges) but keeps the
+endpoints, sinks and processes it has, saying so in the log when the file asks for different
+ones.
+
+In a worker process under the supervisor (``supervised``) the supervisor serves ``/metrics`` for
+every worker, counts reloads once and says once what needs a restart; the worker's own metrics
+reach it through prometheus-client's multiprocess files.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Final
 
 from dicomfw.atna import atna_sink
 from dicomfw.audit import AuditTrail, QueuedSink, json_lines_sink
@@ -26,9 +32,10 @@ class Observability:
     """What ``config.metrics`` and ``config.audit`` ask for. Raises OSError (e.g. the metrics
     port is taken, the audit file cannot be opened) before anything is left half-started."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, supervised: bool = False) -> None:
         self.config_path = config.source
-        self._settings = (config.metrics, config.audit)
+        self._started = config
+        self._supervised = supervised
         self.metrics = Metrics() if config.metrics is not None else None
         self.audit: AuditTrail | None = None
         self.server: MetricsServer | None = None
@@ -43,7 +50,7 @@ class Observability:
                 )
             if settings is not None and settings.atna is not None:
                 sinks.append(atna_sink(settings.atna, settings.queue_size, *self._counted("atna")))
-            if config.metrics is not None and self.metrics is not None:
+            if config.metrics is not None and self.metrics is not None and not supervised:
                 self.server = MetricsServer(config.metrics, self.metrics.registry)
         except BaseException:
             for sink in sinks:
@@ -71,20 +78,17 @@ class Observability:
 
     def reloaded(self, config: Config) -> None:
         if self.metrics is not None:
-            self.metrics.reload_succeeded(config)
+            if self._supervised:
+                self.metrics.configure(config)
+            else:
+                self.metrics.reload_succeeded(config)
         if self.audit is not None:
             self.audit.configure(config)
-        if (config.metrics, config.audit) != self._settings:
-            log_event(
-                log,
-                logging.WARNING,
-                "restart_needed",
-                sections="metrics,audit",
-                error="metrics and audit settings changed: they apply at the next start",
-            )
+        if not self._supervised:
+            warn_restart_needed(self._started, config)
 
     def reload_failed(self) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and not self._supervised:
             self.metrics.reload_failed()
 
     def close(self) -> None:
@@ -94,3 +98,20 @@ class Observability:
             self.audit.close(_FLUSH_SECONDS)
         if self.server is not None:
             self.server.close()
+
+
+#: Sections of the rules file a reload cannot apply: they take effect at the next start.
+START_ONLY: Final = ("metrics", "audit", "workers")
+
+
+def warn_restart_needed(started: Config, reloaded: Config) -> None:
+    """Log, once per reload, which start-only sections now differ from those in force."""
+    changed = [name for name in START_ONLY if getattr(started, name) != getattr(reloaded, name)]
+    if changed:
+        log_event(
+            log,
+            logging.WARNING,
+            "restart_needed",
+            sections=",".join(changed),
+            error=f"{' and '.join(changed)} settings changed: they apply at the next start",
+        )

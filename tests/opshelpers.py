@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import socket
+import struct
 import sys
 import time
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ from tests.harness import WAIT
 #: exceeded (2): PS3.8 Table 9-21.
 LOCAL_LIMIT_RJ = bytes((0x03, 0, 0, 0, 0, 4, 0, 2, 3, 2))
 A_ASSOCIATE_AC = 0x02
+#: struct ucred (pid, uid, gid), as SCM_CREDENTIALS carries it.
+_UCRED = struct.Struct("iII")
 
 
 def connect_from(source: str, port: int) -> socket.socket:
@@ -45,18 +48,24 @@ def installed_dicomfw() -> str:
 
 
 class NotifySocket:
-    """The datagram socket systemd would own; collects what the daemon sends."""
+    """The datagram socket systemd would own; collects what the daemon sends, and which
+    processes sent it (``NotifyAccess=main`` ignores all but the main process)."""
 
     def __init__(self, address: str) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
         self.address = address
         self.messages: list[dict[str, str]] = []
+        self.senders: set[int] = set()
 
     def next(self, timeout: float = WAIT) -> dict[str, str]:
         self.sock.settimeout(timeout)
-        raw = self.sock.recv(4096).decode()
-        message = dict(line.split("=", 1) for line in raw.splitlines())
+        raw, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(_UCRED.size))
+        for level, kind, data in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+                self.senders.add(_UCRED.unpack(data[: _UCRED.size])[0])
+        message = dict(line.split("=", 1) for line in raw.decode().splitlines())
         self.messages.append(message)
         return message
 

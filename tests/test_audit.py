@@ -16,7 +16,7 @@ from typing import Any
 from tests.harness import VERIFICATION, Pki, running_scp, scu
 from tests.obs_harness import drive_mix, mixed_rules, observed_firewall, scrape, value
 
-VOLATILE = ("time", "start", "end", "duration_seconds")
+VOLATILE = ("time", "pid", "start", "end", "duration_seconds")
 
 
 def _fingerprint(pem: Path) -> str:
@@ -28,6 +28,7 @@ def _stable(record: dict[str, Any]) -> dict[str, Any]:
     moments = [
         datetime.fromisoformat(record[key]) for key in ("time", "start", "end") if key in record
     ]
+    assert record["pid"] == os.getpid()  # the firewall runs in the test process
     assert all(m.utcoffset() is not None and m.utcoffset().total_seconds() == 0 for m in moments)  # type: ignore[union-attr]
     if "start" in record:
         assert record["start"] <= record["end"] == record["time"]

@@ -4,6 +4,7 @@ make is reported at its exact ``file:line: key.path``, all of them in one pass."
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -294,6 +295,39 @@ def test_omitted_limits_keep_the_model_defaults(in_tmp: Path) -> None:
     assert load_config(in_tmp / "rules.yaml").limits == Limits()
 
 
+@pytest.mark.parametrize(
+    ("given", "workers"),
+    [
+        ("", 1),
+        ("workers: 1\n", 1),
+        ("workers: 64\n", 64),
+        ("workers: auto\n", min(os.cpu_count() or 1, 64)),
+    ],
+)
+def test_workers_is_a_count_or_auto_and_one_by_default(
+    in_tmp: Path, given: str, workers: int
+) -> None:
+    (in_tmp / "rules.yaml").write_text(MINIMAL + given)
+    assert load_config("rules.yaml").workers == workers
+
+
+@pytest.mark.parametrize(
+    ("given", "message"),
+    [
+        ("0", "must be between 1 and 64, got 0"),
+        ("65", "must be between 1 and 64, got 65"),
+        ("two", "expected an integer from 1 to 64 or auto, got a string ('two')"),
+        ('"2"', "expected an integer from 1 to 64 or auto, got a string ('2') "
+         "(write it without quotes)"),
+        ("true", "expected an integer from 1 to 64 or auto, got a boolean (true)"),
+    ],
+)  # fmt: skip
+def test_a_workers_mistake_is_reported_at_its_line(
+    errors_of: Errors, given: str, message: str
+) -> None:
+    assert errors_of(MINIMAL + f"workers: {given}\n") == [f"rules.yaml:16: workers: {message}"]
+
+
 def test_routes_with_disjoint_callers_or_a_later_fallback_are_not_ambiguous(in_tmp: Path) -> None:
     routes = """\
   - {name: ct, listener: modalities, called_ae: PACS, upstream: pacs, calling_ae: [CT01],
@@ -356,7 +390,7 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             "mode: enforce\nroutes:",
             [
                 "rules.yaml:9: mode: unknown key 'mode' "
-                "(allowed: listeners, upstreams, peers, routes, limits, metrics, audit)",
+                "(allowed: listeners, upstreams, peers, routes, limits, metrics, audit, workers)",
             ],
             id="unknown top-level key",
         ),
@@ -599,7 +633,7 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             [
                 "rules.yaml:1: missing required key 'routes'",
                 "rules.yaml:9: unused: unknown key 'unused' "
-                "(allowed: listeners, upstreams, peers, routes, limits, metrics, audit)",
+                "(allowed: listeners, upstreams, peers, routes, limits, metrics, audit, workers)",
             ],
             id="missing section",
         ),

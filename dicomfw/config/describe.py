@@ -24,7 +24,7 @@ _DETAIL = "      "
 def describe(config: Config) -> str:
     """Summarise the configuration in aligned plain text, one section per rules-file section."""
     sections = [
-        [f"Rules file: {config.source}"],
+        [f"Rules file: {config.source}", f"Worker processes: {config.workers}"],
         _section("Listeners", _listeners(config.listeners)),
         _section("Upstreams", _upstreams(config.upstreams)),
         _section("Peers (who may connect)", _peers(config.policy.peers)),

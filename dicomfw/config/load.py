@@ -61,6 +61,8 @@ _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _DNS_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TLS_VERSIONS: Final = {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}
+#: More worker processes than this is a typo, not a machine.
+_MAX_WORKERS: Final = 64
 
 
 def load_config(path: str | Path) -> Config:
@@ -229,6 +231,7 @@ class _Loader:
             limits=self.with_overrides(values.get("limits", Limits())),
             metrics=values.get("metrics"),
             audit=values.get("audit"),
+            workers=values.get("workers", 1),
         )
 
     def with_overrides(self, limits: Limits) -> Limits:
@@ -807,6 +810,19 @@ def _choice(*options: str) -> Check[str]:
     return check
 
 
+def _workers(ld: _Loader, at: _At) -> int:
+    """``workers: N`` (1 to 64) or ``auto``: one per CPU, as this machine counts them now."""
+    value = ld.scalar(at)
+    if value == "auto":
+        return min(os.cpu_count() or 1, _MAX_WORKERS)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return _int_in(1, _MAX_WORKERS)(ld, at)
+    raise _Invalid(
+        f"expected an integer from 1 to {_MAX_WORKERS} or auto, got {_kind(ld, at)}"
+        + _quoted_hint(at)
+    )
+
+
 def _output_file(ld: _Loader, at: _At) -> Path | None:
     """A file the daemon appends to (None for "-", stdout). Its directory must exist now, so a
     typo stops the load instead of the first audit event."""
@@ -974,4 +990,5 @@ _TOP: Final[Schema] = {
     "limits": (OPTIONAL, _limits),
     "metrics": (OPTIONAL, _metrics),
     "audit": (OPTIONAL, _audit),
+    "workers": (OPTIONAL, _workers),
 }

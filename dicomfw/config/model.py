@@ -126,6 +126,7 @@ class Config:
     limits: Limits = Limits()
     metrics: MetricsEndpoint | None = None
     audit: Audit | None = None
+    workers: int = 1  # processes sharing the listeners (``workers: auto`` = the CPU count)
 
     def certificate_files(self) -> tuple[tuple[str, Path], ...]:
         """Every certificate file the daemon uses, as (role, path): for expiry checks/metrics.
