@@ -337,7 +337,7 @@ BAD_STREAMS: dict[str, tuple[bytes, str, int]] = {
     ),
     "data PDV on another context than its command (shared PDU)": (
         START_STORE + p_data(data_pdv(STORE, b"z"), data_pdv(FIND, b"z")),
-        "without a command",
+        "context 3 while the message uses context 1",
         pdu.ABORT_UNEXPECTED_PARAMETER,
     ),
     "command PDV while a data set is in progress": (

@@ -162,11 +162,17 @@ class DataStream:
                 pos += take
                 if len(partial) < self._need:
                     break
-                self._partial = None
-                if peeking:
-                    self._start_pdu(memoryview(partial), 0, len(partial), out, from_partial=True)
-                else:
+                if not peeking:
+                    self._partial = None
                     self._whole_pdu(memoryview(bytes(partial)), out)
+                elif self._continues_data_set(*_PEEK_HEADER.unpack_from(partial)):
+                    # Its first 12 bytes came across reads: they go now, the rest as it comes.
+                    self._partial = None
+                    if not self._drop:
+                        out.append(bytes(partial))
+                    self._left = HEADER_SIZE + HEADER.unpack_from(partial)[1] - len(partial)
+                else:
+                    self._need = HEADER_SIZE + HEADER.unpack_from(partial)[1]  # hold it whole
                 continue
             available = end - pos
             if available < _PEEK:
@@ -187,29 +193,16 @@ class DataStream:
                 self._need = _PEEK
                 pos = end
                 break
-            # The common case, inline (once per 16 KB PDU): a lone data-set PDV of the message
-            # in progress. Anything else, errors included, goes through ``_start_pdu``.
-            pdu_type, length, pdv_length, context, control = _PEEK_HEADER.unpack_from(view, pos)
-            if (
-                pdu_type == P_DATA_TF
-                and pdv_length + 4 == length
-                and pdv_length >= 2
-                and not control & _COMMAND
-                and context == self._context
-                and length <= self._max_length
-                and self._state is _Message.DATA_SET
-            ):
-                if control & _LAST:
-                    self._state = _Message.IDLE
-                self._left = HEADER_SIZE + length
+            fields = _PEEK_HEADER.unpack_from(view, pos)
+            if self._continues_data_set(*fields):  # the common case, once per 16 KB PDU
+                self._left = HEADER_SIZE + fields[1]
                 continue
-            if self._start_pdu(view, pos, end - pos, None, from_partial=False):
-                continue  # fast path after all: the loop forwards it
+            check_header(fields[0], fields[1], self._max_length)
             # Slow path: the PDU must be complete before anything of it leaves.
             if run >= 0:
                 out.append(view[run:pos])
                 run = -1
-            total = HEADER_SIZE + HEADER.unpack_from(view, pos)[1]
+            total = HEADER_SIZE + fields[1]
             if end - pos >= total:
                 self._whole_pdu(view[pos : pos + total], out)
                 pos += total
@@ -221,48 +214,25 @@ class DataStream:
             out.append(view if run == 0 and pos == end else view[run:pos])
         return out
 
-    def _start_pdu(
-        self,
-        view: memoryview,
-        pos: int,
-        available: int,
-        out: list[Buffer] | None,
-        *,
-        from_partial: bool,
-    ) -> int:
-        """Classify a PDU from its first 12 bytes. Returns its size if it takes the fast path.
-
-        With ``from_partial`` the 12 bytes were collected across reads: on the fast path they
-        go out at once and the rest of the PDU follows; on the slow path they seed the buffer.
-        """
-        pdu_type, length = HEADER.unpack_from(view, pos)
-        check_header(pdu_type, length, self._max_length)
-        if pdu_type == P_DATA_TF and self._state is _Message.DATA_SET and length >= 6:
-            pdv_length, context, control = _PDV_HEADER.unpack_from(view, pos + HEADER_SIZE)
-            if pdv_length + 4 == length and not control & _COMMAND:
-                if context != self._context:
-                    raise RemoteProtocolError(
-                        f"data set PDV on context {context} while the message uses "
-                        f"context {self._context}",
-                        ABORT_UNEXPECTED_PARAMETER,
-                    )
-                if control & _LAST:
-                    self._state = _Message.IDLE
-                size: int = HEADER_SIZE + length
-                if from_partial:
-                    assert out is not None
-                    if not self._drop:
-                        out.append(bytes(view[pos : pos + available]))
-                    self._left = size - available
-                    if not self._left:
-                        self._flush_injected(out)
-                else:
-                    self._left = size
-                return size
-        if from_partial:
-            self._partial = bytearray(view[pos : pos + available])
-            self._need = HEADER_SIZE + length
-        return 0
+    def _continues_data_set(
+        self, pdu_type: int, length: int, pdv_length: int, context: int, control: int
+    ) -> bool:
+        """Whether a PDU, judged from its first 12 bytes, is a lone data-set PDV of the message
+        in progress: then it is forwarded (or swallowed) as it arrives, never buffered. Anything
+        else, errors included, is held whole and judged by ``_whole_pdu``."""
+        if not (
+            pdu_type == P_DATA_TF
+            and pdv_length + 4 == length
+            and pdv_length >= 2
+            and not control & _COMMAND
+            and context == self._context
+            and length <= self._max_length
+            and self._state is _Message.DATA_SET
+        ):
+            return False
+        if control & _LAST:
+            self._state = _Message.IDLE
+        return True
 
     def _flush_injected(self, out: list[Buffer]) -> None:
         if self._inject and self._state is _Message.IDLE:
@@ -319,9 +289,15 @@ class DataStream:
                         kept += command
                     command = []
             else:
-                if self._state is not _Message.DATA_SET or context != self._context:
+                if self._state is not _Message.DATA_SET:
                     raise RemoteProtocolError(
                         "data set PDV without a command announcing it", ABORT_UNEXPECTED_PARAMETER
+                    )
+                if context != self._context:
+                    raise RemoteProtocolError(
+                        f"data set PDV on context {context} while the message uses "
+                        f"context {self._context}",
+                        ABORT_UNEXPECTED_PARAMETER,
                     )
                 if control & _LAST:
                     self._state = _Message.IDLE
