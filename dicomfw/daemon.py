@@ -23,6 +23,7 @@ from typing import Protocol
 from dicomfw.config.load import load_config
 from dicomfw.errors import ConfigError, ConfigErrors
 from dicomfw.eventlog import log_observer
+from dicomfw.heap import HeapTrimmer
 from dicomfw.logsetup import log_event
 from dicomfw.observability import Observability
 from dicomfw.relay.server import Relay, Runtime, build_runtime
@@ -204,6 +205,8 @@ async def serve(
         on_ready(relay)
     announcer.ready(relay)
     stop_heartbeat = announcer.start_heartbeat(relay)
+    trimmer = HeapTrimmer(lambda: (relay.connections, len(relay.associations)))
+    trimmer.start()
     await stop.wait()
     if drain_seconds is None:
         drain_seconds = relay.runtime.config.limits.drain_seconds
@@ -218,6 +221,7 @@ async def serve(
     )
     await relay.stop(drain_seconds)  # the watchdog keeps ticking through the drain
     stop_heartbeat()
+    trimmer.stop()
     announcer.close()
     observability.close()  # after the drain: the audit records every association's end
     log_event(log, logging.INFO, "stopped")

@@ -469,6 +469,7 @@ class Relay:
         self.runtime = runtime
         self.observers = list(observers)
         self.associations: set[Association] = set()
+        self.connections = 0  # accepted so far, refused ones included
         self.limiter = Limiter()  # survives reloads: counts of open associations stay true
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
@@ -502,6 +503,7 @@ class Relay:
             self._admit(listener, connection, peer)
 
     def _admit(self, listener: Listener, connection: socket.socket, peer: Any) -> None:
+        self.connections += 1
         runtime = self.runtime
         # The listener as the current rules define it (PROXY settings follow a reload).
         listener = next((x for x in runtime.config.listeners if x.name == listener.name), listener)
