@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dicomfw.core.session import AssociationEnded, Session, Side, State
-from dicomfw.relay.server import Refused
+from dicomfw.core.session import AssociationEnded, Command, Session, Side, State
+from dicomfw.relay.server import Association, Refused
 from tests.harness import (
     PEERS,
     WAIT,
@@ -160,17 +161,38 @@ def test_an_idle_association_is_aborted_on_both_sides(tmp_path: Path, pki: Pki) 
     assert pacs.requests == []
 
 
+class BuggySession(Session):
+    """Fails as a bug would, once BUGGY's association is up."""
+
+    def receive(self, side: Side, data: bytes) -> list[Command]:
+        if self.calling_ae == "BUGGY" and self.state is State.ESTABLISHED:
+            raise RuntimeError("a bug in the firewall")
+        return super().receive(side, data)
+
+
 def test_an_internal_error_aborts_only_that_association(
     tmp_path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    original = Session.receive
+    original = Association.connection_made
 
-    def buggy(self: Session, side: Side, data: bytes) -> list[object]:
-        if self.calling_ae == "BUGGY" and self.state is State.ESTABLISHED:
-            raise RuntimeError("a bug in the firewall")
-        return original(self, side, data)  # type: ignore[return-value]
+    def connection_made(self: Association, transport: asyncio.BaseTransport) -> None:
+        # The relay may be compiled (setup.py), so Session cannot be patched in place: each
+        # association's fresh session is swapped for the faulty subclass, built alike.
+        original(self, transport)
+        fresh = self._session
+        assert fresh is not None
+        limits = self._runtime.config.limits
+        self._session = BuggySession(
+            fresh.policy,
+            fresh.listener,
+            fresh.address,
+            fresh.identity,
+            limits.max_pdu_bytes,
+            self._gate,
+            self._loop.time,
+        )
 
-    monkeypatch.setattr(Session, "receive", buggy)
+    monkeypatch.setattr(Association, "connection_made", connection_made)
     peers = PEERS + "  - {ae_title: BUGGY, networks: [127.0.0.1]}\n"
     with (
         running_scp() as pacs,

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Final
 
+from mypy_extensions import mypyc_attr
+
 from dicomfw.core import acse, pdu
 from dicomfw.core.dimse import DimseCommand, encode_response
 from dicomfw.core.policy import (
@@ -175,6 +177,8 @@ def _no_clock() -> float:
     raise LocalProtocolError("a Session with a rate-limit gate needs the clock to go with it")
 
 
+# Compiled by mypyc (setup.py); a test subclasses it to inject an internal error.
+@mypyc_attr(allow_interpreted_subclasses=True)
 class Session:
     """The state machine for one association. Not thread-safe; one per connection."""
 
