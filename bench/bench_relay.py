@@ -54,7 +54,6 @@ log = logging.getLogger("bench")
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PYTHON = sys.executable
-HOLD_SETTLE_SECONDS = 3.0
 STORESCU, STORESCP, STUNNEL = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/stunnel4"
 
 
@@ -351,8 +350,7 @@ class Bench:
         ) as client:
             try:
                 held = _read_json_line(client, timeout=180)
-                # Idle means settled: dicomfw trims its heap ~1-2 s after set-ups stop.
-                time.sleep(HOLD_SETTLE_SECONDS)
+                time.sleep(1.0)
                 during = rss_kb(way.proxy.pid)
                 assert client.stdin is not None
                 client.stdin.write(b"go\n")
