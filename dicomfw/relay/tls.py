@@ -17,6 +17,7 @@ from typing import Any
 from dicomfw.config.model import ClientTLS, ServerTLS
 from dicomfw.core.policy import PresentedIdentity
 from dicomfw.errors import ConfigError
+from dicomfw.relay.resume import offer_session
 
 #: BCP 195 / RFC 9325 recommended suites for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!eNULL:!MD5:!SHA1"
@@ -36,19 +37,31 @@ class ResumingClientContext(ssl.SSLContext):
         server_hostname: str | None = None,
         session: ssl.SSLSession | None = None,
     ) -> ssl.SSLObject:
-        return super().wrap_bio(
-            incoming,
-            outgoing,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            session=session or self.session_cache,
+        connection = super().wrap_bio(
+            incoming, outgoing, server_side=server_side, server_hostname=server_hostname
         )
+        offered = session or self.session_cache
+        if offered is not None and not offer_session(self, connection, offered):
+            connection.session = offered  # CPython's own path, which copies the session
+        return connection
 
     def remember(self, ssl_object: Any) -> None:
         """Keep the session of a finished handshake (for TLS 1.3, once its ticket arrived)."""
         session = getattr(ssl_object, "session", None)
         if session is not None and (session.has_ticket or session.id):
-            self.session_cache = session
+            self.session_cache = self._private_copy(session, ssl_object.server_hostname)
+
+    def _private_copy(self, session: ssl.SSLSession, server_hostname: str | None) -> ssl.SSLSession:
+        """A copy of ``session`` that no connection shares. ``ssl_object.session`` is the
+        connection's own, and OpenSSL marks that not resumable when the connection ends
+        without a TLS close_notify (most DICOM peers just close after A-RELEASE-RP), which
+        would spoil it for ``offer_session``. CPython's setter copies the session into a
+        scratch connection that never starts, and its getter hands the copy back."""
+        scratch = super().wrap_bio(
+            ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=server_hostname
+        )
+        scratch.session = session
+        return scratch.session or session
 
 
 def _harden(context: ssl.SSLContext, min_version: str) -> None:
