@@ -54,6 +54,8 @@ log = logging.getLogger("bench")
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PYTHON = sys.executable
+#: dicomfw returns freed heap pages ~1-2 s after associations stop coming and going.
+RELEASED_SETTLE_SECONDS = 3.0
 STORESCU, STORESCP, STUNNEL = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bin/stunnel4"
 
 
@@ -361,11 +363,13 @@ class Bench:
                     client.kill()
         if client.returncode != 0:
             raise BenchError(f"hold via {way.name}: {err.decode()[-800:]}")
+        time.sleep(RELEASED_SETTLE_SECONDS)  # what stays resident once they are all gone
         extra = {
             "held": held["held"],
             "rss_before_kb": before,
             "rss_held_kb": during,
             "kb_per_assoc": (during - before) / held["held"],
+            "rss_released_kb": rss_kb(way.proxy.pid),
         }
         self.record(Run("hold", way.name, 0, held["seconds"], associations=count, extra=extra))
 

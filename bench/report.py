@@ -277,6 +277,7 @@ def memory_table(rows: Sequence[Row]) -> str:
         "RSS with all held KB",
         "KB per association",
         "set-up s",
+        "RSS 3 s after release KB",
     ]
     body = []
     for row in rows:
@@ -291,6 +292,7 @@ def memory_table(rows: Sequence[Row]) -> str:
                 _fmt(e.get("rss_held_kb"), 0),
                 _fmt(e.get("kb_per_assoc")),
                 _fmt(row.seconds, 2),
+                _fmt(e.get("rss_released_kb"), 0),
             ]
         )
     return _table(header, body)
