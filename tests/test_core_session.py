@@ -7,6 +7,7 @@ and blanked, except where a test is about them.
 
 from __future__ import annotations
 
+import tracemalloc
 from collections.abc import Sequence
 from dataclasses import replace
 from ipaddress import ip_address, ip_network
@@ -526,3 +527,41 @@ def test_p_data_before_the_association_is_aborted_as_unexpected() -> None:
         Close(REQUESTER),
         AssociationEnded("aborted", "requester_protocol_error", ""),
     ]
+
+
+def test_an_established_association_keeps_nothing_of_a_128_context_request() -> None:
+    """A modality proposing every storage SOP class (as DCMTK's storescu does) sends ~10 KB of
+    A-ASSOCIATE-RQ; decoded, that is ~55 KB of objects, which must not stay for the hours an
+    association may last: only the accepted contexts' SOP classes are kept."""
+    from pynetdicom import StoragePresentationContexts
+
+    proposed: list[ContextSpec] = [
+        (2 * number + 1, template.abstract_syntax or "", [EXPLICIT_LE, IMPLICIT_LE])
+        for number, template in enumerate(StoragePresentationContexts[:128])
+    ]
+    ct_context = next(cid for cid, uid, _ in proposed if uid == CT)
+    request = associate_rq("CT01", "PACS", proposed)
+    answer = associate_ac("CT01", "REALPACS", [(ct_context, 0, EXPLICIT_LE)])
+
+    def established_with_128() -> Session:
+        session = new_session()
+        session.receive(REQUESTER, request)
+        session.upstream_connected()
+        session.receive(UPSTREAM, answer)
+        assert session.state is State.ESTABLISHED
+        return session
+
+    established_with_128()  # warm-up: interned strings and caches are not per association
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        kept = [established_with_128() for _ in range(20)]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    per_association = sum(d.size_diff for d in after.compare_to(before, "filename")) / len(kept)
+    assert len(request) > 9_000
+    assert per_association < 8_000, per_association
+    # and it still works: a C-STORE on the accepted context passes
+    commands = kept[0].receive(REQUESTER, p_data(command_pdv(ct_context, c_store_rq(1, CT))))
+    assert isinstance(commands[0], Send) and commands[0].side is UPSTREAM

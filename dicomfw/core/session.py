@@ -444,6 +444,12 @@ class Session:
                 ),
             ),
         ]
+        # What only the set-up needed is not kept for the association's lifetime: a modality's
+        # request with 128 contexts is ~40 KB of objects, per open association.
+        self._rq = None
+        self._upstream_rq = b""
+        self._refused_contexts, self._refused_why = {}, {}
+        self._abstract_syntax = {cid: self._abstract_syntax[cid] for cid in accepted}
         rest = self._rest_after(pdus)
         if rest:
             commands += self._data_phase(Side.UPSTREAM, rest)
