@@ -5,7 +5,7 @@ exchange, record buffers; the A-ASSOCIATE codec), and glibc keeps freed pages re
 reuse. Measured: after 1,000 associations were opened at once and released, dicomfw's RSS stayed
 63 MB above where it started; with a trim once they were gone, 10.5 MB. An admin sizing a host
 by RSS, or a systemd ``MemoryMax=``, would see the former for as long as the daemon runs. (Pages
-still in use are not affected: an open TLS association costs the same ~60 KB either way.) So
+still in use are not affected: an open TLS association costs the same ~45 KB either way.) So
 the daemon trims when the set of connections has stopped changing for a tick, and at least
 every ``max_delay`` seconds under constant churn. A trim walks the heap's free chunks (~5 ms
 after 1,000 associations), so it runs on a worker thread: the event loop keeps relaying

@@ -445,7 +445,7 @@ class Session:
             ),
         ]
         # What only the set-up needed is not kept for the association's lifetime: a modality's
-        # request with 128 contexts is ~40 KB of objects, per open association.
+        # request with 128 contexts is ~55 KB of objects, per open association.
         self._rq = None
         self._upstream_rq = b""
         self._refused_contexts, self._refused_why = {}, {}
