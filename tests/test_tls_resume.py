@@ -23,10 +23,11 @@ KNOWN_LAYOUT = sys.version_info[:2] == (3, 11) and ssl.OPENSSL_VERSION_INFO >= (
 
 
 @contextlib.contextmanager
-def tls_server(pki: Pki) -> Iterator[int]:
+def tls_server(pki: Pki, version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> Iterator[int]:
     """Accepts mutual-TLS connections, answers one byte per connection (so the client reads
     the TLS 1.3 session tickets that precede it), until the test ends."""
     context = server_context(pki, pki.pacs)
+    context.maximum_version = version
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(WAIT)
     stop = threading.Event()
@@ -93,12 +94,23 @@ def upstream_context(pki: Pki) -> ResumingClientContext:
     return client_context(tls, "upstreams.pacs")
 
 
-def test_a_remembered_session_is_resumed_through_wrap_bio(pki: Pki) -> None:
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=["TLSv1.3", "TLSv1.2"]
+)
+def test_a_remembered_session_is_resumed_through_wrap_bio(
+    pki: Pki, version: ssl.TLSVersion
+) -> None:
     context = upstream_context(pki)
-    with tls_server(pki) as port:
-        first = exchange(port, context)
-        assert not first.session_reused
+    with tls_server(pki, version) as port:
+        first = exchange(port, context, ragged_eof=False)
+        assert not first.session_reused and first.version() == version.name.replace("_", ".")
         context.remember(first)
+        assert context.session_cache is not None
+        if KNOWN_LAYOUT:  # the sessions below are offered without CPython's copy
+            scratch = ssl.SSLContext.wrap_bio(
+                context, ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname="127.0.0.1"
+            )
+            assert offer_session(context, scratch, context.session_cache)
         again = [exchange(port, context).session_reused for _ in range(3)]
     assert again == [True, True, True]
 
