@@ -48,9 +48,10 @@ class _LibSsl:
         self.init_finished = _bind(library.SSL_is_init_finished, ctypes.c_int, pointer)
         self.resumable = _bind(library.SSL_SESSION_is_resumable, ctypes.c_int, pointer)
         self.set_session = _bind(library.SSL_set_session, ctypes.c_int, pointer, pointer)
+        self.clear_errors = _bind(library.ERR_clear_error, None)  # libcrypto's, found via libssl
 
 
-def _bind(function: _Function, result: type, *arguments: type) -> _Function:
+def _bind(function: _Function, result: type | None, *arguments: type) -> _Function:
     function.restype = result
     function.argtypes = list(arguments)
     return function
@@ -125,4 +126,7 @@ def offer_session(
         or not lib.resumable(native_session)  # e.g. shared with a connection that failed
     ):
         return False
-    return bool(lib.set_session(handle, native_session) == 1)
+    if lib.set_session(handle, native_session) == 1:
+        return True
+    lib.clear_errors()  # leave no error queued for the next TLS call on this thread to report
+    return False
