@@ -413,6 +413,16 @@ limits: {limits}
 """
 
 
+def daemon_rules(directory: Path, pki: Pki, upstream_port: int, port: int, **kw: Any) -> Path:
+    """``rules(...)`` written to ``directory/rules.yaml`` with the listener on ``port``, for a
+    ``dicomfw run`` process (which cannot report a port 0 back to the test)."""
+    path = directory / "rules.yaml"
+    path.write_text(
+        rules(pki, upstream_port, **kw).replace('bind: "127.0.0.1:0"', f'bind: "127.0.0.1:{port}"')
+    )
+    return path
+
+
 # ---- a raw DICOM client: exact bytes out, exact bytes back ------------------------------------
 
 

@@ -12,6 +12,7 @@ from tests.harness import (
     WAIT,
     Pki,
     associate_rq,
+    daemon_rules,
     dcmtk,
     first_pdu,
     free_port,
@@ -79,13 +80,8 @@ def test_check_reports_a_key_that_does_not_match_its_certificate(tmp_path: Path,
 
 def test_run_serves_reloads_on_sighup_and_stops_on_sigterm(tmp_path: Path, pki: Pki) -> None:
     port = free_port()
-    path = tmp_path / "rules.yaml"
     with running_scp() as pacs:
-        path.write_text(
-            rules(pki, pacs.port, upstream_tls=False).replace(
-                'bind: "127.0.0.1:0"', f'bind: "127.0.0.1:{port}"'
-            )
-        )
+        path = daemon_rules(tmp_path, pki, pacs.port, port, upstream_tls=False)
         assert DICOMFW is not None
         pid_file = tmp_path / "dicomfw.pid"
         command = (DICOMFW, "run", "--config", path, "--pid-file", pid_file)

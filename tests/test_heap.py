@@ -11,8 +11,16 @@ from pathlib import Path
 import pytest
 
 from dicomfw.heap import HeapTrimmer
-from tests.harness import WAIT, Pki, dcmtk, free_port, rules, running_process, running_scp
-from tests.test_cli import DICOMFW
+from tests.harness import (
+    WAIT,
+    Pki,
+    daemon_rules,
+    dcmtk,
+    free_port,
+    running_process,
+    running_scp,
+)
+from tests.opshelpers import installed_dicomfw
 
 libc = ctypes.CDLL(None)
 if not hasattr(libc, "malloc_trim"):
@@ -89,15 +97,9 @@ def test_constant_churn_still_trims_every_max_delay() -> None:
 
 def test_the_daemon_trims_after_a_burst_of_associations(tmp_path: Path, pki: Pki) -> None:
     port = free_port()
-    path = tmp_path / "rules.yaml"
     with running_scp() as pacs:
-        path.write_text(
-            rules(pki, pacs.port, upstream_tls=False).replace(
-                'bind: "127.0.0.1:0"', f'bind: "127.0.0.1:{port}"'
-            )
-        )
-        assert DICOMFW is not None
-        command = (DICOMFW, "run", "--config", path, "--log-level", "debug")
+        path = daemon_rules(tmp_path, pki, pacs.port, port, upstream_tls=False)
+        command = (installed_dicomfw(), "run", "--config", path, "--log-level", "debug")
         with running_process(*command, ready_port=port) as daemon:
             for _ in range(3):
                 echo = dcmtk("echoscu", "-aet", "CT01", "-aec", "PACS", "127.0.0.1", str(port))

@@ -26,9 +26,9 @@ from dicomfw.sdnotify import Notifier
 from tests.harness import (
     WAIT,
     Pki,
+    daemon_rules,
     dcmtk,
     free_port,
-    rules,
     running_scp,
     server_context,
 )
@@ -126,14 +126,6 @@ def test_the_notifier_speaks_to_an_abstract_socket_and_ignores_a_foreign_watchdo
     foreign = {"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}
     assert Notifier(foreign).watchdog_seconds is None
     assert not Notifier({}).enabled
-
-
-def daemon_rules(tmp_path: Path, pki: Pki, upstream_port: int, port: int, **kw: bool) -> Path:
-    path = tmp_path / "rules.yaml"
-    path.write_text(
-        rules(pki, upstream_port, **kw).replace('bind: "127.0.0.1:0"', f'bind: "127.0.0.1:{port}"')
-    )
-    return path
 
 
 def test_the_daemon_announces_ready_reload_watchdog_and_stopping(tmp_path: Path, pki: Pki) -> None:

@@ -30,7 +30,7 @@ from tests.corehelpers import (
     release_rp,
     release_rq,
 )
-from tests.harness import WAIT, Pki, associate_rq, free_port, rules, running_scp
+from tests.harness import WAIT, Pki, associate_rq, daemon_rules, free_port, running_scp
 from tests.obs_harness import scrape, value, wait_until
 from tests.opshelpers import (
     A_ASSOCIATE_AC,
@@ -85,18 +85,19 @@ def two_worker_rules(
 ) -> tuple[Path, int, int, Path]:
     """(rules file, listener port, metrics port, audit file) of a ``workers: 2`` daemon."""
     port, metrics_port, audit_file = free_port(), free_port(), tmp_path / "audit.jsonl"
-    path = tmp_path / "rules.yaml"
-    text = rules(
+    path = daemon_rules(
+        tmp_path,
         pki,
         upstream_port,
+        port,
         upstream_tls=False,
         limits=f"{{artim_seconds: 5, idle_seconds: 60, drain_seconds: 20{limits}}}",
     )
-    text = text.replace('bind: "127.0.0.1:0"', f'bind: "127.0.0.1:{port}"')
-    path.write_text(
-        f'{text}metrics: {{bind: "127.0.0.1:{metrics_port}"}}\n'
-        f"audit: {{file: {audit or audit_file}}}\nworkers: 2\n"
-    )
+    with path.open("a") as rules_file:
+        rules_file.write(
+            f'metrics: {{bind: "127.0.0.1:{metrics_port}"}}\n'
+            f"audit: {{file: {audit or audit_file}}}\nworkers: 2\n"
+        )
     return path, port, metrics_port, audit_file
 
 
