@@ -30,15 +30,14 @@ from pathlib import Path
 from typing import Any, Final, Protocol, TextIO
 
 from dicomfw.config.model import Config
-from dicomfw.core.dimse import status_class
 from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
     Event,
-    RequestCompleted,
-    RequestForwarded,
+    RequestFailed,
     RequestRefused,
+    RequestTally,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
@@ -184,11 +183,21 @@ class _Facts:
     operations: dict[tuple[str, str], list[int]] = field(default_factory=dict)
     instances_stored: int = 0
 
-    def count(self, service: str, sop_class: str, column: str) -> None:
+    def row(self, service: str, sop_class: str) -> list[int]:
         counts = self.operations.get((service, sop_class))
         if counts is None:
             counts = self.operations[(service, sop_class)] = [0] * len(COUNTS)
-        counts[_INDEX[column]] += 1
+        return counts
+
+    def add(self, tally: RequestTally) -> None:
+        for (service, sop_class), counts in tally.counts.items():
+            row = self.row(service, sop_class)
+            for index, value in enumerate(
+                (counts.forwarded, counts.success, counts.warning, counts.failure, counts.cancel)
+            ):
+                row[index] += value
+            if service == "C-STORE":
+                self.instances_stored += counts.success + counts.warning
 
 
 class AuditTrail:
@@ -233,20 +242,30 @@ class AuditTrail:
 
     def __call__(self, info: AssociationInfo, event: Event | Refused) -> None:
         kind = type(event)
-        if kind is RequestForwarded:
-            assert isinstance(event, RequestForwarded)
+        if kind is RequestTally:
+            assert isinstance(event, RequestTally)
             facts = self._facts.get(id(info))
             if facts is not None:
-                facts.count(event.service, event.sop_class, "requests")
-        elif kind is RequestCompleted:
-            assert isinstance(event, RequestCompleted)
-            self._completed(info, event)
+                facts.add(event)
+        elif kind is RequestFailed:
+            assert isinstance(event, RequestFailed)
+            self._request_record(
+                info,
+                "request_failed",
+                event.service,
+                event.sop_class,
+                event.status,
+                event.message_id,
+                "",
+                "",
+            )
         elif kind is RequestRefused:
             assert isinstance(event, RequestRefused)
             facts = self._facts.get(id(info))
             if facts is not None:
-                facts.count(event.service, event.sop_class, "requests")
-                facts.count(event.service, event.sop_class, "refused")
+                row = facts.row(event.service, event.sop_class)
+                row[_INDEX["requests"]] += 1
+                row[_INDEX["refused"]] += 1
             self._request_record(
                 info,
                 "request_refused",
@@ -285,25 +304,6 @@ class AuditTrail:
             record = _who(self._pid, info, "connection_refused")
             record.update(reason=event.why, cause=event.cause or None, detail=event.detail)
             self._submit(record)
-
-    def _completed(self, info: AssociationInfo, event: RequestCompleted) -> None:
-        answer = status_class(event.status)
-        facts = self._facts.get(id(info))
-        if facts is not None:
-            facts.count(event.service, event.sop_class, answer)
-            if event.service == "C-STORE" and answer in ("success", "warning"):
-                facts.instances_stored += 1
-        if answer == "failure":
-            self._request_record(
-                info,
-                "request_failed",
-                event.service,
-                event.sop_class,
-                event.status,
-                event.message_id,
-                "",
-                "",
-            )
 
     def _request_record(
         self,
@@ -352,7 +352,7 @@ class AuditTrail:
             operations=[
                 {"service": service, "sop_class": name_of(uid), "sop_class_uid": uid}
                 | dict(zip(COUNTS, counts, strict=True))
-                for (service, uid), counts in (facts.operations.items() if facts else ())
+                for (service, uid), counts in sorted(facts.operations.items() if facts else ())
             ],
             instances_stored=facts.instances_stored if facts is not None else 0,
             refused_contexts=facts.refused_contexts if facts is not None else [],

@@ -14,9 +14,9 @@ from dicomfw.core.session import (
     AssociationEnded,
     AssociationRejected,
     Event,
-    RequestCompleted,
-    RequestForwarded,
+    RequestFailed,
     RequestRefused,
+    RequestTally,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
@@ -28,10 +28,11 @@ log = logging.getLogger("dicomfw.events")
 def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
     """Write ``event`` for the association described by ``info`` as one logfmt line."""
     kind = type(event)
-    if kind is RequestForwarded:  # once per request, like the next: keep them cheap
+    if kind is RequestTally:  # about once a second per association: keep it cheap
+        assert isinstance(event, RequestTally)
+        info.requests += sum(counts.completed for counts in event.counts.values())
         return
-    if kind is RequestCompleted:
-        info.requests += 1
+    if kind is RequestFailed:  # the audit trail records each one
         return
     where = {
         "listener": info.listener,

@@ -6,9 +6,9 @@ route, upstream and peer names, the SOP classes the rules list) or from a fixed 
 (outcomes, status classes, the stable ``why`` strings of the core and relay): an AE title or
 address sent by a stranger never becomes a series, so a scan cannot blow up the TSDB.
 
-The observer does O(1) work per event and never blocks: bytes are counted once per association
-at its end, not per PDU, and request round trips are timed from ``RequestForwarded`` to
-``RequestCompleted`` with one dict entry per outstanding request.
+The observer never blocks and is never called per PDU or per request: bytes are counted once
+per association at its end, and requests (counts by status class, round trips timed by the
+session) arrive in a ``RequestTally`` about once a second per association.
 
 Several worker processes (``dicomfw.supervisor`` does all of this): start every process with
 ``PROMETHEUS_MULTIPROC_DIR`` set to the same empty directory (prometheus-client then keeps each
@@ -25,7 +25,6 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 from wsgiref.simple_server import WSGIServer
@@ -42,16 +41,14 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from dicomfw.config.model import Config, MetricsEndpoint
-from dicomfw.core.dimse import status_class
 from dicomfw.core.policy import VERIFICATION_SOP_CLASS
 from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
     Event,
-    RequestCompleted,
-    RequestForwarded,
     RequestRefused,
+    RequestTally,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
@@ -74,12 +71,8 @@ _ROUND_TRIP_BUCKETS: Final = (
 )  # fmt: skip
 
 
-@dataclass(slots=True)
-class _Open:
-    """What the observer remembers about one established association."""
-
-    route: str
-    forwarded: dict[int, float] = field(default_factory=dict)  # message ID -> monotonic time
+#: The status classes of final responses, as ``dicomfw_dimse_requests_total`` labels them.
+_ANSWERS: Final = ("success", "warning", "failure", "cancel")
 
 
 class Metrics:
@@ -197,13 +190,13 @@ class Metrics:
         for result in ("success", "failure"):  # exported from the start, so increase() works
             self.reloads.labels(result)
         self.reload_ok.set(1)
-        self._open: dict[int, _Open] = {}  # id(AssociationInfo) -> state, until the end event
+        self._open: dict[int, str] = {}  # id(AssociationInfo) -> route, until the end event
         self._peers: frozenset[str] = frozenset()
         self._sop_labels: dict[str, str] = {}
         self._upstream_of_route: dict[str, str] = {}
         self._rules_hash = ""
         self._certificates: set[tuple[str, str]] = set()
-        self._request_children: dict[tuple[str, str, str, str], tuple[Counter, Histogram]] = {}
+        self._round_trip_children: dict[tuple[str, str], Histogram] = {}
 
     # ---- configuration ------------------------------------------------------------------------
 
@@ -268,14 +261,9 @@ class Metrics:
 
     def __call__(self, info: AssociationInfo, event: Event | Refused) -> None:
         kind = type(event)
-        if kind is RequestForwarded:
-            assert isinstance(event, RequestForwarded)
-            state = self._open.get(id(info))
-            if state is not None:
-                state.forwarded[event.message_id] = time.monotonic()
-        elif kind is RequestCompleted:
-            assert isinstance(event, RequestCompleted)
-            self._completed(info, event)
+        if kind is RequestTally:
+            assert isinstance(event, RequestTally)
+            self._tallied(info, event)
         elif kind is RequestRefused:
             assert isinstance(event, RequestRefused)
             route = info.route or NONE
@@ -284,7 +272,7 @@ class Metrics:
             self.refusals.labels(info.listener, "request", event.why).inc()
         elif kind is AssociationAccepted:
             assert isinstance(event, AssociationAccepted)
-            self._open[id(info)] = _Open(event.route)
+            self._open[id(info)] = event.route
             self.active.labels(info.listener).inc()
             for _, _, why in event.refused_contexts:
                 self.refusals.labels(info.listener, "context", why).inc()
@@ -307,22 +295,20 @@ class Metrics:
                 self.tls_failures.labels(info.listener, event.cause).inc()
             self.associations.labels(info.listener, NONE, UNKNOWN, "refused").inc()
 
-    def _completed(self, info: AssociationInfo, event: RequestCompleted) -> None:
-        """Once per DIMSE request: the labelled children are cached (``labels()`` costs more
-        than the increment), keyed by label values, so the cache is as bounded as the series."""
-        state = self._open.get(id(info))
-        route = state.route if state is not None else info.route or NONE
-        sop_class = self._sop_labels.get(event.sop_class, OTHER)
-        key = (route, event.service, sop_class, status_class(event.status))
-        children = self._request_children.get(key)
-        if children is None:
-            children = (self.requests.labels(*key), self.round_trip.labels(route, event.service))
-            self._request_children[key] = children
-        children[0].inc()
-        if state is not None and event.message_id is not None:
-            started = state.forwarded.pop(event.message_id, None)
-            if started is not None:
-                children[1].observe(time.monotonic() - started)
+    def _tallied(self, info: AssociationInfo, tally: RequestTally) -> None:
+        route = self._open.get(id(info)) or info.route or NONE
+        for (service, uid), counts in tally.counts.items():
+            sop_class = self._sop_labels.get(uid, OTHER)
+            for answer in _ANSWERS:
+                count = getattr(counts, answer)
+                if count:
+                    self.requests.labels(route, service, sop_class, answer).inc(count)
+        children = self._round_trip_children  # ``labels()`` costs more than ``observe``
+        for service, seconds in tally.round_trips:
+            child = children.get((route, service))
+            if child is None:
+                child = children[(route, service)] = self.round_trip.labels(route, service)
+            child.observe(seconds)
 
     def _ended(self, info: AssociationInfo, outcome: str) -> None:
         """The last event of a connection that reached DICOM: count it, forget its state."""

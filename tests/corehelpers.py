@@ -355,3 +355,13 @@ def split_at(data: bytes, offsets: Iterable[int]) -> list[bytes]:
         start = offset
     pieces.append(data[start:])
     return pieces
+
+
+class Clock:
+    """A clock that moves only when a test sets ``now``."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now

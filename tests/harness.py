@@ -203,16 +203,17 @@ def running_scp(
     sop_classes: tuple[str, ...] = (CT, MR, VERIFICATION, FIND, MOVE, GET),
     find_results: int = 2,
     drop_on_echo: bool = False,
+    store_status: int = 0x0000,
 ) -> Iterator[Scp]:
     """``drop_on_echo``: on a C-ECHO, close the TCP connection instead of answering (a PACS
-    that crashes mid-association)."""
+    that crashes mid-association). ``store_status``: what every C-STORE is answered with."""
     stored: list[bytes] = []
     requests: list[str] = []
 
     def on_store(event: Any) -> int:
         requests.append("C-STORE")
         stored.append(event.request.DataSet.getvalue())
-        return 0x0000
+        return store_status
 
     def on_echo(event: Any) -> int:
         requests.append("C-ECHO")

@@ -13,7 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from tests.harness import VERIFICATION, Pki, running_scp, scu
+from dicomfw.core.session import AssociationEnded
+from tests.harness import CT, VERIFICATION, Pki, ct_image, running_scp, scu
 from tests.obs_harness import drive_mix, mixed_rules, observed_firewall, scrape, value
 
 VOLATILE = ("time", "pid", "start", "end", "duration_seconds")
@@ -116,6 +117,32 @@ def test_audit_records_of_a_known_sequence_match_field_by_field(tmp_path: Path, 
         {"event": "application_stop", "config": config},
     ]  # fmt: skip
     assert records[7]["detail"].startswith("dead: ")
+
+
+def test_a_request_the_upstream_failed_gets_its_own_record(tmp_path: Path, pki: Pki) -> None:
+    with running_scp(store_status=0xA700) as pacs:  # Refused: Out of Resources
+        rules = mixed_rules(pki, pacs.port, "audit: {file: audit.jsonl}\n")
+        with observed_firewall(tmp_path, rules) as (firewall, _):
+            association = scu("CT01", (CT,)).associate(
+                "127.0.0.1", firewall.port("front"), ae_title="PACS"
+            )
+            assert association.send_c_store(ct_image(seed=1)).Status == 0xA700
+            association.release()
+            firewall.wait_for(lambda e: isinstance(e, AssociationEnded))
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    front = {"listener": "front", "source": "127.0.0.1:*", "certificate": None}
+    assert [_stable(r) for r in records[1:3]] == [
+        {"event": "request_failed", **front, "calling_ae": "CT01", "called_ae": "PACS",
+         "route": "front/PACS", "service": "C-STORE", "sop_class": "CTImageStorage",
+         "sop_class_uid": CT, "message_id": 1, "status": "0xA700"},
+        {"event": "association", **front, "calling_ae": "CT01", "called_ae": "PACS",
+         "route": "front/PACS",
+         "upstream": {"name": "pacs", "host": "127.0.0.1", "port": pacs.port},
+         "outcome": "released", "reason": "released", "detail": "",
+         "bytes_from_requester": True, "bytes_from_upstream": True,
+         "operations": [_op("C-STORE", "CTImageStorage", CT, requests=1, failure=1)],
+         "instances_stored": 0, "refused_contexts": []},
+    ]  # fmt: skip
 
 
 def _echo_associations(port: int, count: int) -> float:

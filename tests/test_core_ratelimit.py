@@ -20,14 +20,14 @@ from dicomfw.core.ratelimit import (
 )
 from dicomfw.core.session import (
     AssociationRejected,
-    RequestForwarded,
     RequestRefused,
     Send,
     Session,
     State,
     Wakeup,
 )
-from tests.corehelpers import associate_rq, c_find_rq, command_pdv, data_pdv, p_data, rj_pdu
+from dicomfw.errors import LocalProtocolError
+from tests.corehelpers import Clock, associate_rq, c_find_rq, command_pdv, data_pdv, p_data, rj_pdu
 from tests.test_core_session import (
     CAP,
     FIND,
@@ -264,16 +264,13 @@ def test_peer_overrides_listener_overrides_global_key_by_key() -> None:
 # ---- the session asks the gate ------------------------------------------------------------------
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def limited_session(limits: RateLimits, limiter: Limiter, clock: Clock) -> Session:
     return Session(POLICY, "modalities", CT01, None, CAP, gate(limits, limiter), clock)
+
+
+def test_a_session_with_a_gate_needs_a_clock() -> None:
+    with pytest.raises(LocalProtocolError, match="clock"):
+        Session(POLICY, "modalities", CT01, None, CAP, gate(RateLimits(), Limiter()))
 
 
 def test_the_session_rejects_an_association_over_the_cap_with_2_3_2() -> None:
@@ -339,7 +336,7 @@ def test_a_delayed_request_is_held_and_what_follows_waits_behind_it() -> None:
         )
     commands = session.receive(REQUESTER, echo(60))
     assert isinstance(commands[0], Wakeup) and commands[0].delay == pytest.approx(1.0)
-    assert isinstance(commands[1], RequestForwarded)
+    assert len(commands) == 1  # nothing is sent until the wakeup
     assert session.holding
     assert session.receive(REQUESTER, echo(61)) == []  # arrives while held: queued behind it
     clock.now = 1.0

@@ -15,15 +15,17 @@ from ipaddress import ip_address, ip_network
 from dicomfw.core import pdu
 from dicomfw.core.policy import AllowRule, Peer, Policy, Route
 from dicomfw.core.session import (
+    TALLY_ROUND_TRIPS,
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
     Close,
     Command,
     ConnectUpstream,
-    RequestCompleted,
-    RequestForwarded,
+    OperationCounts,
+    RequestFailed,
     RequestRefused,
+    RequestTally,
     Send,
     Session,
     Side,
@@ -38,6 +40,7 @@ from tests.corehelpers import (
     STUDY_FIND,
     STUDY_MOVE,
     VERIFICATION,
+    Clock,
     ContextSpec,
     abort_pdu,
     associate_ac,
@@ -131,6 +134,12 @@ def transcript(commands: Sequence[Command]) -> list[Command]:
             command = replace(command, detail="")
         normalised.append(command)
     return normalised
+
+
+def counted(session: Session) -> dict[tuple[str, str], OperationCounts]:
+    """What the session's requests came to since the last look (its tally, taken)."""
+    tally = session.take_tally()
+    return {} if tally is None else tally.counts
 
 
 def established(
@@ -298,11 +307,8 @@ def test_requester_pdus_sent_before_the_ac_are_forwarded_once_it_arrives() -> No
     session.upstream_connected()
     assert session.receive(REQUESTER, echo(2)[5:]) == []
     commands = session.receive(UPSTREAM, PACS_AC)
-    assert transcript(commands)[2:] == [
-        Send(UPSTREAM, [echo(1) + echo(2)]),
-        RequestForwarded(1, "C-ECHO", VERIFICATION),
-        RequestForwarded(2, "C-ECHO", VERIFICATION),
-    ]
+    assert transcript(commands)[2:] == [Send(UPSTREAM, [echo(1) + echo(2)])]
+    assert counted(session) == {("C-ECHO", VERIFICATION): OperationCounts(forwarded=2)}
 
 
 def test_upstream_pdus_in_the_same_read_as_the_ac_are_forwarded() -> None:
@@ -320,17 +326,14 @@ def test_upstream_pdus_in_the_same_read_as_the_ac_are_forwarded() -> None:
 def test_allowed_c_store_passes_and_its_response_completes_the_request() -> None:
     session = established()
     command, *data_set = store(1)
-    assert transcript(session.receive(REQUESTER, command)) == [
-        Send(UPSTREAM, [command]),
-        RequestForwarded(1, "C-STORE", CT),
-    ]
+    assert transcript(session.receive(REQUESTER, command)) == [Send(UPSTREAM, [command])]
     for piece in data_set:
         assert transcript(session.receive(REQUESTER, piece)) == [Send(UPSTREAM, [piece])]
+    assert counted(session) == {("C-STORE", CT): OperationCounts(forwarded=1)}
     response = p_data(command_pdv(STORE, c_store_rsp(1)))
-    assert transcript(session.receive(UPSTREAM, response)) == [
-        Send(REQUESTER, [response]),
-        RequestCompleted("C-STORE", CT, 0x0000, 1),
-    ]
+    assert transcript(session.receive(UPSTREAM, response)) == [Send(REQUESTER, [response])]
+    assert counted(session) == {("C-STORE", CT): OperationCounts(success=1)}
+    assert session.take_tally() is None  # taken: the next tally starts from zero
 
 
 def test_c_find_on_a_storage_only_route_is_refused_and_the_next_echo_still_passes() -> None:
@@ -348,10 +351,8 @@ def test_c_find_on_a_storage_only_route_is_refused_and_the_next_echo_still_passe
     assert transcript(commands)[1:] == [
         RequestRefused("C-FIND", STUDY_FIND, 0x0124, "service_not_allowed", "", 5)
     ]
-    assert transcript(session.receive(REQUESTER, echo(6))) == [
-        Send(UPSTREAM, [echo(6)]),
-        RequestForwarded(6, "C-ECHO", VERIFICATION),
-    ]
+    assert transcript(session.receive(REQUESTER, echo(6))) == [Send(UPSTREAM, [echo(6)])]
+    assert counted(session) == {("C-ECHO", VERIFICATION): OperationCounts(forwarded=1)}
 
 
 def test_c_move_to_an_unlisted_destination_is_refused_with_a801() -> None:
@@ -369,10 +370,8 @@ def test_c_move_to_an_unlisted_destination_is_refused_with_a801() -> None:
 def test_c_move_to_a_listed_destination_passes() -> None:
     session = established()
     move = p_data(command_pdv(MOVE, c_move_rq(8, "WS1")), data_pdv(MOVE, b"\x00\x00", last=True))
-    assert transcript(session.receive(REQUESTER, move)) == [
-        Send(UPSTREAM, [move]),
-        RequestForwarded(8, "C-MOVE", STUDY_MOVE),
-    ]
+    assert transcript(session.receive(REQUESTER, move)) == [Send(UPSTREAM, [move])]
+    assert counted(session) == {("C-MOVE", STUDY_MOVE): OperationCounts(forwarded=1)}
 
 
 def test_refused_c_store_swallows_its_data_set_and_the_next_store_passes() -> None:
@@ -385,10 +384,8 @@ def test_refused_c_store_swallows_its_data_set_and_the_next_store_passes() -> No
         assert session.receive(REQUESTER, piece) == []
 
     allowed = b"".join(store(3))
-    assert transcript(session.receive(REQUESTER, allowed)) == [
-        Send(UPSTREAM, [allowed]),
-        RequestForwarded(3, "C-STORE", CT),
-    ]
+    assert transcript(session.receive(REQUESTER, allowed)) == [Send(UPSTREAM, [allowed])]
+    assert counted(session) == {("C-STORE", CT): OperationCounts(forwarded=1)}
 
 
 def test_refusal_waits_until_the_upstreams_message_in_progress_has_ended() -> None:
@@ -418,19 +415,68 @@ def test_pending_responses_do_not_complete_a_request_but_the_final_one_does() ->
     pending = p_data(command_pdv(FIND, c_find_rsp(4, 0xFF00)), data_pdv(FIND, b"", last=True))
     final = p_data(command_pdv(FIND, c_find_rsp(4, 0x0000)))
     assert transcript(session.receive(UPSTREAM, pending)) == [Send(REQUESTER, [pending])]
-    assert transcript(session.receive(UPSTREAM, final)) == [
-        Send(REQUESTER, [final]),
-        RequestCompleted("C-FIND", STUDY_FIND, 0x0000, 4),
-    ]
+    assert counted(session) == {("C-FIND", STUDY_FIND): OperationCounts(forwarded=1)}
+    assert transcript(session.receive(UPSTREAM, final)) == [Send(REQUESTER, [final])]
+    assert counted(session) == {("C-FIND", STUDY_FIND): OperationCounts(success=1)}
 
 
 def test_echo_response_completes_the_echo() -> None:
     session = established()
     session.receive(REQUESTER, echo(9))
     response = p_data(command_pdv(ECHO, c_echo_rsp(9)))
-    assert transcript(session.receive(UPSTREAM, response))[1:] == [
-        RequestCompleted("C-ECHO", VERIFICATION, 0x0000, 9)
-    ]
+    assert transcript(session.receive(UPSTREAM, response)) == [Send(REQUESTER, [response])]
+    assert counted(session) == {("C-ECHO", VERIFICATION): OperationCounts(forwarded=1, success=1)}
+
+
+def test_answers_are_counted_by_status_class_and_a_failure_is_an_event_too() -> None:
+    session = established()
+    answers = {10: 0x0000, 11: 0x0001, 12: 0xFE00, 13: 0xC211}
+    for message_id in answers:
+        session.receive(REQUESTER, echo(message_id))
+    events = []
+    for message_id, status in answers.items():
+        response = p_data(command_pdv(ECHO, c_echo_rsp(message_id, status)))
+        events += transcript(session.receive(UPSTREAM, response))[1:]
+    assert events == [RequestFailed("C-ECHO", VERIFICATION, 0xC211, 13)]
+    assert counted(session) == {
+        ("C-ECHO", VERIFICATION): OperationCounts(4, success=1, warning=1, failure=1, cancel=1)
+    }
+
+
+def established_with_clock(clock: Clock) -> Session:
+    session = Session(POLICY, "modalities", ip_address("10.1.2.3"), None, CAP, clock=clock)
+    session.receive(REQUESTER, associate_rq("CT01", "PACS", PACS_CONTEXTS))
+    session.upstream_connected()
+    session.receive(UPSTREAM, PACS_AC)
+    return session
+
+
+def test_round_trips_are_timed_on_the_clock_from_request_to_final_response() -> None:
+    clock = Clock()
+    session = established_with_clock(clock)
+    session.receive(REQUESTER, echo(1))
+    clock.now += 0.25
+    session.receive(REQUESTER, echo(2))
+    clock.now += 0.5
+    for message_id in (2, 1):
+        session.receive(UPSTREAM, p_data(command_pdv(ECHO, c_echo_rsp(message_id))))
+    tally = session.take_tally()
+    assert tally is not None and tally.round_trips == [("C-ECHO", 0.5), ("C-ECHO", 0.75)]
+
+
+def test_the_session_hands_its_tally_out_by_itself_once_it_holds_enough_round_trips() -> None:
+    clock = Clock()
+    session = established_with_clock(clock)
+    handed: list[RequestTally] = []
+    for message_id in range(1, TALLY_ROUND_TRIPS + 2):
+        session.receive(REQUESTER, echo(message_id))
+        clock.now += 0.001
+        response = p_data(command_pdv(ECHO, c_echo_rsp(message_id)))
+        handed += [c for c in session.receive(UPSTREAM, response) if isinstance(c, RequestTally)]
+    assert len(handed) == 1 and len(handed[0].round_trips) == TALLY_ROUND_TRIPS
+    assert handed[0].counts[("C-ECHO", VERIFICATION)].success == TALLY_ROUND_TRIPS
+    rest = session.take_tally()  # the one after starts afresh
+    assert rest is not None and rest.counts[("C-ECHO", VERIFICATION)].success == 1
 
 
 def test_protocol_error_in_the_data_phase_aborts_both_sides_with_the_culprit_told_why() -> None:

@@ -12,7 +12,17 @@ import pytest
 from cryptography import x509
 
 from dicomfw import certs
-from tests.harness import Pki, associate_rq, client_context, exchange, running_scp
+from tests.harness import (
+    CT,
+    VERIFICATION,
+    Pki,
+    associate_rq,
+    client_context,
+    ct_image,
+    exchange,
+    running_scp,
+    scu,
+)
 from tests.obs_harness import (
     drive_mix,
     mixed_rules,
@@ -98,6 +108,59 @@ def test_metrics_count_exactly_the_associations_refusals_and_requests_that_happe
     # A label value is a configured name or a fixed word, never what a peer sent.
     every_label_value = {v for (_, pairs) in samples for _, v in pairs}
     assert not {"STRANGER", "NOT_A_PACS", "127.0.0.1"} & every_label_value
+
+
+def test_requests_of_an_open_association_show_up_while_it_is_still_open(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """Requests are counted in the session and reported about once a second, not per request:
+    a long association's traffic must still reach /metrics before it ends."""
+    with (
+        running_scp() as pacs,
+        observed_firewall(tmp_path, mixed_rules(pki, pacs.port, METRICS)) as (firewall, obs),
+    ):
+        assert obs.server is not None
+        port = obs.server.port
+        association = scu("CT01", (VERIFICATION,)).associate(
+            "127.0.0.1", firewall.port("front"), ae_title="PACS"
+        )
+        try:
+            assert [association.send_c_echo().Status for _ in range(3)] == [0, 0, 0]
+            wait_until(
+                lambda: value(scrape(port), "dicomfw_dimse_requests_total") == 3,
+                "the open association's echoes to be counted",
+            )
+            samples = scrape(port)
+            assert value(samples, "dicomfw_active_associations") == 1  # still open
+            assert value(samples, "dicomfw_dimse_round_trip_seconds_count") == 3
+            assert 0 < value(samples, "dicomfw_dimse_round_trip_seconds_sum") < 3
+        finally:
+            association.release()
+
+
+def test_a_failure_status_from_the_upstream_is_counted_as_a_failed_request(
+    tmp_path: Path, pki: Pki
+) -> None:
+    with (
+        running_scp(store_status=0xA700) as pacs,  # Refused: Out of Resources
+        observed_firewall(tmp_path, mixed_rules(pki, pacs.port, METRICS)) as (firewall, obs),
+    ):
+        assert obs.server is not None
+        port = obs.server.port
+        association = scu("CT01", (CT,)).associate(
+            "127.0.0.1", firewall.port("front"), ae_title="PACS"
+        )
+        assert association.send_c_store(ct_image(seed=1)).Status == 0xA700
+        association.release()
+        wait_until(
+            lambda: value(scrape(port), "dicomfw_associations_total") == 1, "the association to end"
+        )
+        samples = scrape(port)
+    failed = labels(
+        route="front/PACS", service="C-STORE", sop_class="CTImageStorage", status="failure"
+    )
+    assert series(samples, "dicomfw_dimse_requests_total") == {failed: 1}
+    assert value(samples, "dicomfw_dimse_round_trip_seconds_count") == 1
 
 
 def not_after(path: Path) -> datetime.datetime:

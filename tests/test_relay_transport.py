@@ -10,7 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicomfw.core.session import AssociationAccepted, AssociationEnded, RequestCompleted
+from dicomfw.core.session import AssociationAccepted, AssociationEnded, RequestTally
 from tests.harness import (
     CT,
     GET,
@@ -50,8 +50,11 @@ def test_twenty_instances_arrive_byte_identical_through_a_plain_to_tls_upgrade(
         firewall.wait_for(lambda e: isinstance(e, AssociationEnded))
     assert statuses == [0x0000] * 20
     assert pacs.stored == [encoded(image, transfer_syntax) for image in images]
-    completed = [e for _, e in firewall.events if isinstance(e, RequestCompleted)]
-    assert [(e.service, e.sop_class, e.status) for e in completed] == [("C-STORE", CT, 0)] * 20
+    tallies = [e for _, e in firewall.events if isinstance(e, RequestTally)]
+    assert {key for tally in tallies for key in tally.counts} == {("C-STORE", CT)}
+    assert sum(t.counts[("C-STORE", CT)].success for t in tallies) == 20
+    assert sum(t.counts[("C-STORE", CT)].completed for t in tallies) == 20
+    assert len([seconds for t in tallies for _, seconds in t.round_trips]) == 20
     ended = [e for _, e in firewall.events if isinstance(e, AssociationEnded)]
     assert [(e.how, e.why) for e in ended] == [("released", "released")]
 

@@ -25,6 +25,7 @@ from dicomfw.core.policy import IPAddress, PresentedIdentity, in_networks
 from dicomfw.core.proxy import InvalidProxyHeader, ProxyHeader, ProxyHeaderReader
 from dicomfw.core.ratelimit import Gate, Limiter
 from dicomfw.core.session import (
+    AssociationEnded,
     Close,
     Command,
     ConnectUpstream,
@@ -47,6 +48,8 @@ log = logging.getLogger("dicomfw.relay")
 
 #: After a drain, how long the A-ABORTs sent to what was left may take to be written.
 _ABORT_FLUSH_SECONDS: Final = 1.0
+#: How often open associations report what their requests came to (``RequestTally``).
+_TALLY_SECONDS: Final = 1.0
 #: A balancer sends the PROXY header with its first segment; a connection that has not within
 #: this time is not from a working balancer.
 _PROXY_HEADER_SECONDS: Final = 5.0
@@ -179,7 +182,7 @@ class Association(asyncio.Protocol):
             self.info.identity,
             config.limits.max_pdu_bytes,
             self._gate,
-            self._loop.time,
+            time.monotonic,  # the loop's clock ticks in milliseconds: too coarse for round trips
         )
         self._last_activity = self._loop.time()
         self._timer = self._loop.call_later(config.limits.artim_seconds, self._on_timer)
@@ -331,7 +334,15 @@ class Association(asyncio.Protocol):
             else:
                 if self.info.calling_ae is None:  # learnt from the A-ASSOCIATE-RQ, once
                     self._identify()
+                if kind is AssociationEnded:
+                    self.report_tally()  # what the requests came to, before the end
                 self._relay.notify(self.info, command)  # type: ignore[arg-type]
+
+    def report_tally(self) -> None:
+        """Hand the requests counted since the last report to the observers."""
+        tally = self._session.take_tally() if self._session is not None else None
+        if tally is not None:
+            self._relay.notify(self.info, tally)
 
     def _identify(self) -> None:
         """Copy who is talking into the info observers read (set once the RQ was decoded)."""
@@ -474,6 +485,7 @@ class Relay:
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
+        self._tallying: asyncio.Task[None] | None = None
 
     async def start(self, sockets: Sequence[socket.socket] | None = None) -> None:
         """Bind every listener, or accept on ``sockets`` (one per listener, in order) that a
@@ -488,6 +500,15 @@ class Relay:
             self._sockets.append(sock)
             task = asyncio.get_running_loop().create_task(self._accept(listener, sock))
             self._accepting.append(task)
+        self._tallying = asyncio.get_running_loop().create_task(self._report_tallies())
+
+    async def _report_tallies(self) -> None:
+        """Every ``_TALLY_SECONDS``, each open association reports its requests, so metrics
+        of long associations stay current without a call per request."""
+        while True:
+            await asyncio.sleep(_TALLY_SECONDS)
+            for association in list(self.associations):
+                association.report_tally()
 
     async def _accept(self, listener: Listener, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -636,3 +657,6 @@ class Relay:
         deadline = time.monotonic() + _ABORT_FLUSH_SECONDS
         while self.associations and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        if self._tallying is not None:
+            self._tallying.cancel()
+            await asyncio.gather(self._tallying, return_exceptions=True)
