@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from procs import DCMTK_ENV, Service, cpu_seconds, free_port
+from procs import DCMTK_ENV, Service, free_port, live_threads_cpu_seconds
 
 from dicomfw.core.ratelimit import Limiter, LimitRules, RateLimits
 
@@ -90,9 +90,9 @@ def run_client(port: int, count: int) -> float:
 
 def measure(daemon: Service, count: int) -> tuple[float, float]:
     """(client wall seconds, daemon CPU seconds) for one run."""
-    cpu = cpu_seconds(daemon.pid)
+    cpu = live_threads_cpu_seconds(daemon.pid)
     wall = run_client(daemon.port, count)
-    return wall, cpu_seconds(daemon.pid) - cpu
+    return wall, live_threads_cpu_seconds(daemon.pid) - cpu
 
 
 def limiter_microseconds(rules: LimitRules, count: int = 100_000) -> float:

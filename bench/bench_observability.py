@@ -23,6 +23,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import os
 import socket
 import statistics
 import subprocess
@@ -35,7 +36,14 @@ from pathlib import Path
 
 import fixtures
 from fixtures import CALLED_AE, CALLING_AE, LOCALHOST
-from procs import DCMTK_ENV, Service, cpu_seconds, free_port, run_timed
+from procs import (
+    DCMTK_ENV,
+    Service,
+    free_port,
+    live_threads_cpu_seconds,
+    run_timed,
+    thread_cpu_seconds,
+)
 
 from dicomfw.config.load import load_config
 from dicomfw.core.session import (
@@ -64,8 +72,8 @@ def observability_sections(directory: Path, atna_port: int) -> str:
 
 
 def _thread_cpu(native_id: int | None) -> float:
-    """CPU seconds of one thread of this process (ns resolution, from schedstat)."""
-    return int(Path(f"/proc/self/task/{native_id}/schedstat").read_text().split()[0]) / 1e9
+    assert native_id is not None
+    return thread_cpu_seconds(os.getpid(), native_id)
 
 
 @contextlib.contextmanager
@@ -134,8 +142,9 @@ def end_to_end(
     daemons: dict[str, Service], workloads: dict[str, Workload], rounds: int
 ) -> list[str]:
     rows = [
-        "| workload | wall off (min / median) | wall on | CPU off (min / median) | CPU on |",
-        "|---|---:|---:|---:|---:|",
+        "| workload | wall off (min / median) | wall on | CPU off (min / median) | CPU on "
+        "| on vs off (median wall / CPU) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for name, run in workloads.items():
         for daemon in daemons.values():
@@ -144,15 +153,18 @@ def end_to_end(
         for round_number in range(rounds):
             for which in ("off", "on") if round_number % 2 == 0 else ("on", "off"):
                 daemon = daemons[which]
-                cpu = cpu_seconds(daemon.pid)
+                cpu = live_threads_cpu_seconds(daemon.pid)
                 seconds = run(daemon.port)
-                results[which].append((seconds, cpu_seconds(daemon.pid) - cpu))
-        cells = []
-        for index, unit in ((0, "s"), (1, "s")):
+                results[which].append((seconds, live_threads_cpu_seconds(daemon.pid) - cpu))
+        cells, ratios = [], []
+        for index in (0, 1):  # wall, CPU
+            medians = {}
             for which in ("off", "on"):
                 values = [r[index] for r in results[which]]
-                cells.append(f"{min(values):.3f} / {statistics.median(values):.3f} {unit}")
-        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+                medians[which] = statistics.median(values)
+                cells.append(f"{min(values):.3f} / {medians[which]:.3f} s")
+            ratios.append(f"{100 * (medians['on'] / medians['off'] - 1):+.1f} %")
+        rows.append(f"| {name} | " + " | ".join(cells) + " | " + " / ".join(ratios) + " |")
     return rows
 
 

@@ -59,6 +59,22 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def thread_cpu_seconds(pid: int, tid: int) -> float:
+    """CPU seconds of one thread, in nanoseconds' precision (its schedstat)."""
+    return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[0]) / 1e9
+
+
+def live_threads_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process's live threads, ns-precise: for a daemon whose threads outlive
+    the measurement. ``cpu_seconds`` counts 10 ms ticks (±3 % on a 0.3 s run) but includes
+    threads that have exited (stunnel's, one per connection)."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            total += thread_cpu_seconds(pid, int(task.name))
+    return total
+
+
 def rss_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
