@@ -26,7 +26,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
 from cryptography import x509
@@ -70,6 +70,8 @@ _ROUND_TRIP_BUCKETS: Final = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60,
 )  # fmt: skip
 
+
+_M = TypeVar("_M", Counter, Gauge, Histogram)
 
 #: The status classes of final responses, as ``dicomfw_dimse_requests_total`` labels them.
 _ANSWERS: Final = ("success", "warning", "failure", "cancel")
@@ -196,7 +198,7 @@ class Metrics:
         self._upstream_of_route: dict[str, str] = {}
         self._rules_hash = ""
         self._certificates: set[tuple[str, str]] = set()
-        self._round_trip_children: dict[tuple[str, str], Histogram] = {}
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see ``_child``
 
     # ---- configuration ------------------------------------------------------------------------
 
@@ -268,32 +270,32 @@ class Metrics:
             assert isinstance(event, RequestRefused)
             route = info.route or NONE
             sop_class = self._sop_labels.get(event.sop_class, OTHER)
-            self.requests.labels(route, event.service, sop_class, "failure").inc()
-            self.refusals.labels(info.listener, "request", event.why).inc()
+            self._child(self.requests, route, event.service, sop_class, "failure").inc()
+            self._child(self.refusals, info.listener, "request", event.why).inc()
         elif kind is AssociationAccepted:
             assert isinstance(event, AssociationAccepted)
             self._open[id(info)] = event.route
-            self.active.labels(info.listener).inc()
+            self._child(self.active, info.listener).inc()
             for _, _, why in event.refused_contexts:
-                self.refusals.labels(info.listener, "context", why).inc()
+                self._child(self.refusals, info.listener, "context", why).inc()
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
-            self.refusals.labels(info.listener, "association", event.why).inc()
+            self._child(self.refusals, info.listener, "association", event.why).inc()
             if event.why == "upstream_unreachable":
                 upstream = self._upstream_of_route.get(info.route or "", UNKNOWN)
-                self.upstream_failures.labels(upstream).inc()
+                self._child(self.upstream_failures, upstream).inc()
             self._ended(info, "rejected")
         elif kind is AssociationEnded:
             assert isinstance(event, AssociationEnded)
             if event.why in PROTOCOL_REFUSALS:
-                self.refusals.labels(info.listener, "protocol", event.why).inc()
+                self._child(self.refusals, info.listener, "protocol", event.why).inc()
             self._ended(info, event.how)
         elif kind is Refused:
             assert isinstance(event, Refused)
-            self.refusals.labels(info.listener, "connection", event.why).inc()
+            self._child(self.refusals, info.listener, "connection", event.why).inc()
             if event.cause:
-                self.tls_failures.labels(info.listener, event.cause).inc()
-            self.associations.labels(info.listener, NONE, UNKNOWN, "refused").inc()
+                self._child(self.tls_failures, info.listener, event.cause).inc()
+            self._child(self.associations, info.listener, NONE, UNKNOWN, "refused").inc()
 
     def _tallied(self, info: AssociationInfo, tally: RequestTally) -> None:
         route = self._open.get(id(info)) or info.route or NONE
@@ -302,24 +304,31 @@ class Metrics:
             for answer in _ANSWERS:
                 count = getattr(counts, answer)
                 if count:
-                    self.requests.labels(route, service, sop_class, answer).inc(count)
-        children = self._round_trip_children  # ``labels()`` costs more than ``observe``
+                    self._child(self.requests, route, service, sop_class, answer).inc(count)
         for service, seconds in tally.round_trips:
-            child = children.get((route, service))
-            if child is None:
-                child = children[(route, service)] = self.round_trip.labels(route, service)
-            child.observe(seconds)
+            self._child(self.round_trip, route, service).observe(seconds)
 
     def _ended(self, info: AssociationInfo, outcome: str) -> None:
         """The last event of a connection that reached DICOM: count it, forget its state."""
         if self._open.pop(id(info), None) is not None:
-            self.active.labels(info.listener).dec()
+            self._child(self.active, info.listener).dec()
         route = info.route or NONE
         peer = info.calling_ae if info.calling_ae in self._peers else UNKNOWN
-        self.associations.labels(info.listener, route, peer, outcome).inc()
-        self.bytes.labels(info.listener, route, "from_requester").inc(info.bytes_from_requester)
-        self.bytes.labels(info.listener, route, "from_upstream").inc(info.bytes_from_upstream)
-        self.duration.labels(info.listener, route).observe(time.monotonic() - info.started)
+        self._child(self.associations, info.listener, route, peer, outcome).inc()
+        listener = info.listener
+        self._child(self.bytes, listener, route, "from_requester").inc(info.bytes_from_requester)
+        self._child(self.bytes, listener, route, "from_upstream").inc(info.bytes_from_upstream)
+        self._child(self.duration, listener, route).observe(time.monotonic() - info.started)
+
+    def _child(self, metric: _M, *values: str) -> _M:
+        """``metric.labels(*values)``, cached: ``labels()`` costs several times the increment,
+        and the observer runs on the event loop. Label values come from the rules file or fixed
+        sets, so the cache is as bounded as the series."""
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return cast(_M, child)
 
 
 def _earliest_not_after(path: Path) -> float | None:
