@@ -416,7 +416,8 @@ class AtnaWriter:
             return
         failure: OSError | None = None
         for delay in _RETRY_DELAYS:
-            time.sleep(delay)
+            if delay:  # sleep(0) would still hand the GIL to the event loop and wait for it back
+                time.sleep(delay)
             try:
                 self._transport.send(payload)
                 return
