@@ -31,6 +31,7 @@ from typing import Any, Final, Protocol, TextIO
 
 from dicomfw.config.model import Config
 from dicomfw.core.session import (
+    ANSWER_CLASSES,
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
@@ -192,10 +193,9 @@ class _Facts:
     def add(self, tally: RequestTally) -> None:
         for (service, sop_class), counts in tally.counts.items():
             row = self.row(service, sop_class)
-            for index, value in enumerate(
-                (counts.forwarded, counts.success, counts.warning, counts.failure, counts.cancel)
-            ):
-                row[index] += value
+            row[_INDEX["requests"]] += counts.forwarded
+            for answer in ANSWER_CLASSES:
+                row[_INDEX[answer]] += getattr(counts, answer)
             if service == "C-STORE":
                 self.instances_stored += counts.success + counts.warning
 

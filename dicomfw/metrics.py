@@ -43,6 +43,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from dicomfw.config.model import Config, MetricsEndpoint
 from dicomfw.core.policy import VERIFICATION_SOP_CLASS
 from dicomfw.core.session import (
+    ANSWER_CLASSES,
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
@@ -72,9 +73,6 @@ _ROUND_TRIP_BUCKETS: Final = (
 
 
 _M = TypeVar("_M", Counter, Gauge, Histogram)
-
-#: The status classes of final responses, as ``dicomfw_dimse_requests_total`` labels them.
-_ANSWERS: Final = ("success", "warning", "failure", "cancel")
 
 
 class Metrics:
@@ -301,7 +299,7 @@ class Metrics:
         route = self._open.get(id(info)) or info.route or NONE
         for (service, uid), counts in tally.counts.items():
             sop_class = self._sop_labels.get(uid, OTHER)
-            for answer in _ANSWERS:
+            for answer in ANSWER_CLASSES:
                 count = getattr(counts, answer)
                 if count:
                     self._child(self.requests, route, service, sop_class, answer).inc(count)

@@ -146,6 +146,10 @@ class RequestFailed:
     message_id: int | None = None
 
 
+#: The status classes of final responses ``OperationCounts`` counts (one field each).
+ANSWER_CLASSES: Final = ("success", "warning", "failure", "cancel")
+
+
 @dataclass(slots=True)
 class OperationCounts:
     """Requests of one service and SOP class: forwarded, and final responses by status class."""
