@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from dicomfw import certs
 from tests.harness import (
     CT,
     VERIFICATION,
+    Firewall,
     Pki,
     associate_rq,
     client_context,
@@ -36,6 +38,18 @@ from tests.obs_harness import (
 METRICS = 'metrics: {bind: "127.0.0.1:0"}\n'
 
 
+@contextlib.contextmanager
+def metered_firewall(tmp_path: Path, pki: Pki, **scp: Any) -> Iterator[tuple[Firewall, int]]:
+    """A PACS (``running_scp(**scp)``) behind a firewall running the mixed rules with metrics
+    on: the firewall, and the port its /metrics is served on."""
+    with (
+        running_scp(**scp) as pacs,
+        observed_firewall(tmp_path, mixed_rules(pki, pacs.port, METRICS)) as (firewall, obs),
+    ):
+        assert obs.server is not None
+        yield firewall, obs.server.port
+
+
 def labels(**pairs: str) -> frozenset[tuple[str, str]]:
     return frozenset(pairs.items())
 
@@ -43,12 +57,7 @@ def labels(**pairs: str) -> frozenset[tuple[str, str]]:
 def test_metrics_count_exactly_the_associations_refusals_and_requests_that_happened(
     tmp_path: Path, pki: Pki
 ) -> None:
-    with (
-        running_scp() as pacs,
-        observed_firewall(tmp_path, mixed_rules(pki, pacs.port, METRICS)) as (firewall, obs),
-    ):
-        assert obs.server is not None
-        port = obs.server.port
+    with metered_firewall(tmp_path, pki) as (firewall, port):
         mix = drive_mix(firewall, pki)
         wait_until(
             lambda: value(scrape(port), "dicomfw_associations_total") == mix.associations,
@@ -115,12 +124,7 @@ def test_requests_of_an_open_association_show_up_while_it_is_still_open(
 ) -> None:
     """Requests are counted in the session and reported about once a second, not per request:
     a long association's traffic must still reach /metrics before it ends."""
-    with (
-        running_scp() as pacs,
-        observed_firewall(tmp_path, mixed_rules(pki, pacs.port, METRICS)) as (firewall, obs),
-    ):
-        assert obs.server is not None
-        port = obs.server.port
+    with metered_firewall(tmp_path, pki) as (firewall, port):
         association = scu("CT01", (VERIFICATION,)).associate(
             "127.0.0.1", firewall.port("front"), ae_title="PACS"
         )
@@ -141,16 +145,12 @@ def test_requests_of_an_open_association_show_up_while_it_is_still_open(
 def test_a_failure_status_from_the_upstream_is_counted_as_a_failed_request(
     tmp_path: Path, pki: Pki
 ) -> None:
-    with (
-        running_scp(store_status=0xA700) as pacs,  # Refused: Out of Resources
-        observed_firewall(tmp_path, mixed_rules(pki, pacs.port, METRICS)) as (firewall, obs),
-    ):
-        assert obs.server is not None
-        port = obs.server.port
+    out_of_resources = 0xA700
+    with metered_firewall(tmp_path, pki, store_status=out_of_resources) as (firewall, port):
         association = scu("CT01", (CT,)).associate(
             "127.0.0.1", firewall.port("front"), ae_title="PACS"
         )
-        assert association.send_c_store(ct_image(seed=1)).Status == 0xA700
+        assert association.send_c_store(ct_image(seed=1)).Status == out_of_resources
         association.release()
         wait_until(
             lambda: value(scrape(port), "dicomfw_associations_total") == 1, "the association to end"
@@ -170,12 +170,8 @@ def not_after(path: Path) -> datetime.datetime:
 def test_certificate_expiry_is_exported_for_every_certificate_in_the_config(
     tmp_path: Path, pki: Pki
 ) -> None:
-    with (
-        running_scp() as pacs,
-        observed_firewall(tmp_path, mixed_rules(pki, pacs.port, METRICS)) as (_, obs),
-    ):
-        assert obs.server is not None
-        samples = series(scrape(obs.server.port), "dicomfw_certificate_not_after_timestamp_seconds")
+    with metered_firewall(tmp_path, pki) as (_, port):
+        samples = series(scrape(port), "dicomfw_certificate_not_after_timestamp_seconds")
     files = (("listener:secure:cert", pki.fw_server.cert), ("listener:secure:ca", pki.ca))
     expected = {
         labels(file=str(path), role=role): not_after(path).timestamp() for role, path in files
