@@ -12,7 +12,7 @@ same configuration twice differs by up to 9 %): read them together with (0).
 Both relay plain DICOM to a DCMTK ``storescp +tls`` (mutual TLS upstream, as in bench_relay.py).
 
     python bench/bench_observability.py              # 5 rounds (about 3 minutes)
-    python bench/bench_observability.py --rounds 2 --associations 50 --instances 100
+    python bench/bench_observability.py --rounds 2 --associations 50 --instances 100 --large 2
 """
 
 from __future__ import annotations
@@ -211,6 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--associations", type=int, default=200)
     parser.add_argument("--instances", type=int, default=1000, help="0.5 MB C-STOREs in (a)")
+    parser.add_argument("--large", type=int, default=10, help="52 MB C-STOREs in (b)")
     parser.add_argument("--echoes", type=int, default=2000)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
@@ -221,6 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         work = Path(temp)
         pki = fixtures.make_pki(work / "pki")
         files = fixtures.make_ct_files(work / "small", args.instances, 512, 512)
+        fixtures.make_ct_files(work / "large", args.large, 5120, 5120)
         collector = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # an ATNA collector that
         collector.bind((LOCALHOST, 0))  # never reads: the kernel drops what does not fit
         stack.callback(collector.close)
@@ -253,9 +255,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return float(result["seconds"])
             return float(result["mean_us"]) * int(result["count"]) / 1e6
 
-        def storescu(port: int) -> float:
+        def storescu(port: int, directory: str = "small") -> float:
             command = [STORESCU, "-aet", CALLING_AE, "-aec", CALLED_AE, LOCALHOST, str(port)]
-            return run_timed([*command, "+sd", str(work / "small")], 600, DCMTK_ENV)
+            return run_timed([*command, "+sd", str(work / directory)], 600, DCMTK_ENV)
 
         count, first = str(args.associations), str(files[0])
         workloads: dict[str, Workload] = {
@@ -266,6 +268,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 p, "assoc", "--count", count, "--op", "store", "--file", first
             ),
             f"(a) {args.instances} x 0.5 MB C-STORE, one association": storescu,
+            f"(b) {args.large} x 52 MB C-STORE, one association": lambda p: storescu(p, "large"),
             f"{args.echoes} C-ECHOs on one association": lambda p: lean(
                 p, "echo", "--count", str(args.echoes)
             ),
