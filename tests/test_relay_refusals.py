@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
+import time
 from pathlib import Path
 
 import pydicom
@@ -233,6 +235,29 @@ def test_an_unreachable_upstream_gives_a_transient_rejection(tmp_path: Path, pki
         answer = exchange(firewall.port("front"), associate_rq("CT01", "PACS"))
     # result 2 rejected-transient, source 3 service-provider (presentation), 1 congestion
     assert answer == bytes((A_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, 2, 3, 1))
+
+
+def test_an_upstream_that_accepts_but_never_answers_times_out_into_a_transient_rejection(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """TCP connects (the kernel accepts into the backlog) but no TLS ServerHello ever comes:
+    the upstream connect timeout, which covers the handshake, ends the wait."""
+    mute = socket.create_server(("127.0.0.1", 0))  # listens, never accepts, never speaks
+    limits = "{artim_seconds: 5, idle_seconds: 30, connect_timeout_seconds: 1}"
+    try:
+        with running_firewall(
+            tmp_path, rules(pki, mute.getsockname()[1], limits=limits)
+        ) as firewall:
+            started = time.monotonic()
+            answer = exchange(firewall.port("front"), associate_rq("CT01", "PACS"))
+            waited = time.monotonic() - started
+            rejected = firewall.wait_for(lambda e: isinstance(e, AssociationRejected))
+    finally:
+        mute.close()
+    assert answer == bytes((A_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, 2, 3, 1))
+    assert 0.9 <= waited < 3
+    assert isinstance(rejected, AssociationRejected)
+    assert (rejected.why, rejected.detail) == ("upstream_unreachable", "pacs: timed out")
 
 
 def test_the_requester_is_aborted_when_the_upstream_drops_mid_association(

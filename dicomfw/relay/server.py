@@ -229,17 +229,16 @@ class Association(asyncio.Protocol):
             server_hostname = upstream.tls.server_name or upstream.host
         assert self._session is not None
         try:
-            transport, _ = await asyncio.wait_for(
-                self._loop.create_connection(
+            # asyncio.timeout, not wait_for: no extra task (and loop iteration) per association
+            async with asyncio.timeout(config.limits.connect_timeout_seconds):
+                transport, _ = await self._loop.create_connection(
                     lambda: _UpstreamProtocol(self),
                     upstream.host,
                     upstream.port,
                     ssl=context,
                     server_hostname=server_hostname,
                     ssl_handshake_timeout=config.limits.tls_handshake_seconds if context else None,
-                ),
-                timeout=config.limits.connect_timeout_seconds,
-            )
+                )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
             self._execute(self._session.upstream_failed(f"{name}: {_describe(error)}"))
             return
