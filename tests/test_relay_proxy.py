@@ -8,6 +8,7 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,29 @@ def test_the_allowlist_and_the_log_see_the_address_haproxy_reports(
     assert pacs.requests == ["C-ECHO"]
     logged = [r.getMessage() for r in caplog.records if "association_accepted" in r.getMessage()]
     assert len(logged) == 1 and "peer=127.0.0.2:" in logged[0] and "via=127.0.0.1" in logged[0]
+
+
+def test_a_balancer_connection_without_a_header_is_closed_after_five_seconds(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """A balancer sends the header with its first segment; one that sends nothing is cut off
+    (and a real client through the balancer meanwhile is served)."""
+    with (
+        running_scp() as pacs,
+        running_firewall(tmp_path, proxied_rules(pki, pacs.port)) as firewall,
+        running_haproxy(tmp_path, firewall.port("front")) as haproxy,
+        socket.create_connection(("127.0.0.1", firewall.port("front")), WAIT) as silent,
+    ):
+        started = time.monotonic()
+        association = through(haproxy, "127.0.0.2")
+        assert association.is_established and association.send_c_echo().Status == 0x0000
+        association.release()
+        silent.settimeout(WAIT)
+        assert silent.recv(1) == b""  # closed, nothing answered
+        waited = time.monotonic() - started
+    assert 4.5 <= waited < WAIT
+    invalid = [refusal for refusal in refusals(firewall) if refusal[0] == "proxy_header_invalid"]
+    assert invalid == [("proxy_header_invalid", "timed out")]
 
 
 def test_limits_count_the_real_clients_not_the_balancer(tmp_path: Path, pki: Pki) -> None:

@@ -567,7 +567,8 @@ class Relay:
         """A listener behind a load balancer: read its PROXY v2 header (bounded in size and
         time, and never a byte beyond it), then go on as if the real client had connected."""
         try:
-            header = await asyncio.wait_for(_read_proxy_header(connection), _PROXY_HEADER_SECONDS)
+            async with asyncio.timeout(_PROXY_HEADER_SECONDS):
+                header = await _read_proxy_header(connection)
         except (InvalidProxyHeader, OSError, TimeoutError) as error:
             self.notify(info, Refused("proxy_header_invalid", _describe(error)))
             connection.close()
