@@ -121,6 +121,32 @@ def test_garbage_instead_of_a_tls_client_hello_is_closed(tmp_path: Path, pki: Pk
     assert len(pacs.stored) == 1
 
 
+def test_a_silent_client_on_a_tls_listener_is_closed_at_the_handshake_timeout(
+    tmp_path: Path, pki: Pki
+) -> None:
+    limits = "{artim_seconds: 30, idle_seconds: 30, tls_handshake_seconds: 1}"
+    with (
+        running_scp() as pacs,
+        running_firewall(
+            tmp_path, rules(pki, pacs.port, listener_tls=True, upstream_tls=False, limits=limits)
+        ) as firewall,
+    ):
+        answer, seconds = send_then_read(firewall.port("front"), b"")  # no ClientHello, ever
+        refused = firewall.wait_for(lambda e: isinstance(e, Refused))
+        good = scu("CT01").associate(
+            "127.0.0.1",
+            firewall.port("front"),
+            ae_title="PACS",
+            tls_args=(client_context(pki, pki.modality), "localhost"),
+        )
+        assert good.is_established and good.send_c_echo().Status == 0x0000  # others are served
+        good.release()
+    assert answer == b""
+    assert 0.9 <= seconds < 5.0  # the handshake timeout, not ARTIM (30 s) nor ours (WAIT)
+    assert isinstance(refused, Refused)
+    assert (refused.why, refused.cause) == ("tls_handshake_failed", "timeout")
+
+
 def test_a_bad_pdv_in_the_data_phase_aborts_both_sides(tmp_path: Path, pki: Pki) -> None:
     with (
         running_scp() as pacs,

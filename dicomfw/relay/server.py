@@ -411,6 +411,9 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+#: The start of the message asyncio's and uvloop's SSL protocols abort a handshake with when
+#: ``ssl_handshake_timeout`` passes.
+_HANDSHAKE_TIMED_OUT: Final = "SSL handshake is taking longer than"
 #: OpenSSL verify results (X509_V_ERR_*) that say which of a client certificate's checks failed.
 _VERIFY_CAUSES: Final = {
     2: "unknown_ca",  # unable to get issuer certificate
@@ -445,7 +448,10 @@ def handshake_cause(error: BaseException) -> str:
     if isinstance(error, ssl.SSLError):
         reason = error.reason or ""
         return _REASON_CAUSES.get(reason, "peer_alert" if "_ALERT_" in reason else "other")
-    if isinstance(error, TimeoutError):
+    if isinstance(error, TimeoutError) or (
+        # asyncio and uvloop both end a handshake past ``ssl_handshake_timeout`` this way
+        isinstance(error, ConnectionAbortedError) and _HANDSHAKE_TIMED_OUT in str(error)
+    ):
         return "timeout"
     if isinstance(error, OSError):  # ConnectionResetError, EOF in the handshake, ...
         return "connection_lost"
