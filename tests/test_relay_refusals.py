@@ -10,6 +10,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicomfw import certs
 from dicomfw.core.session import AssociationEnded, AssociationRejected, RequestRefused
 from dicomfw.relay.server import Refused
 from tests.harness import (
@@ -30,6 +31,7 @@ from tests.harness import (
     running_firewall,
     running_scp,
     scu,
+    server_context,
 )
 
 A_ASSOCIATE_RJ = 0x03
@@ -258,6 +260,37 @@ def test_an_upstream_that_accepts_but_never_answers_times_out_into_a_transient_r
     assert 0.9 <= waited < 3
     assert isinstance(rejected, AssociationRejected)
     assert (rejected.why, rejected.detail) == ("upstream_unreachable", "pacs: timed out")
+
+
+@pytest.mark.parametrize(
+    ("impostor", "why"),
+    [
+        ("another-ca", "unable to get local issuer certificate"),
+        ("another-name", "IP address mismatch"),  # the upstream host is 127.0.0.1
+    ],
+)
+def test_an_upstream_whose_certificate_does_not_verify_never_sees_the_association(
+    tmp_path: Path, pki: Pki, impostor: str, why: str
+) -> None:
+    """Server verification toward the upstream: a certificate from another CA, or from the
+    site CA for another name, ends the connection in the TLS handshake."""
+    out = tmp_path / "impostor"
+    if impostor == "another-ca":
+        other_ca = pki.ca_dir.parent / "other-ca"
+        pair = certs.issue(other_ca, "impostor", "server", out, ["localhost"], ["127.0.0.1"])
+    else:
+        pair = certs.issue(pki.ca_dir, "elsewhere", "server", out, ["pacs.elsewhere.example"])
+    with (
+        running_scp(ssl_context=server_context(pki, pair)) as scp,
+        running_firewall(tmp_path, rules(pki, scp.port)) as firewall,
+    ):
+        answer = exchange(firewall.port("front"), associate_rq("CT01", "PACS"))
+        rejected = firewall.wait_for(lambda e: isinstance(e, AssociationRejected))
+        assert echo_works(firewall.port("front"), called="PACS") is False  # still refused
+    assert answer == bytes((A_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, 2, 3, 1))
+    assert isinstance(rejected, AssociationRejected) and rejected.why == "upstream_unreachable"
+    assert "CERTIFICATE_VERIFY_FAILED" in rejected.detail and why in rejected.detail
+    assert scp.requests == []
 
 
 def test_the_requester_is_aborted_when_the_upstream_drops_mid_association(
