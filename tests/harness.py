@@ -37,6 +37,7 @@ VERIFICATION = "1.2.840.10008.1.1"
 FIND = resolve("StudyRootQueryRetrieveInformationModelFind", "SOP Class")
 MOVE = resolve("StudyRootQueryRetrieveInformationModelMove", "SOP Class")
 GET = resolve("StudyRootQueryRetrieveInformationModelGet", "SOP Class")
+MPPS = resolve("ModalityPerformedProcedureStep", "SOP Class")
 
 DCMTK = Path("/usr/bin")  # never the pyenv shims of the same names (pynetdicom's apps)
 WAIT = 10.0  # seconds: the bound on every wait in these tests
@@ -200,7 +201,7 @@ class Scp:
 def running_scp(
     ae_title: str = "PACS",
     ssl_context: ssl.SSLContext | None = None,
-    sop_classes: tuple[str, ...] = (CT, MR, VERIFICATION, FIND, MOVE, GET),
+    sop_classes: tuple[str, ...] = (CT, MR, VERIFICATION, FIND, MOVE, GET, MPPS),
     find_results: int = 2,
     drop_on_echo: bool = False,
     store_status: int = 0x0000,
@@ -240,6 +241,14 @@ def running_scp(
         yield None, None  # unknown destination as far as this SCP is concerned
         return
 
+    def on_n_create(event: Any) -> tuple[int, Dataset]:
+        requests.append("N-CREATE")
+        return 0x0000, event.attribute_list
+
+    def on_n_set(event: Any) -> tuple[int, Dataset]:
+        requests.append("N-SET")
+        return 0x0000, event.modification_list
+
     ae = AE(ae_title=ae_title)
     ae.maximum_associations = 20
     ae.network_timeout = WAIT
@@ -261,6 +270,8 @@ def running_scp(
             (evt.EVT_C_FIND, on_find),
             (evt.EVT_C_GET, on_get),
             (evt.EVT_C_MOVE, on_move),
+            (evt.EVT_N_CREATE, on_n_create),
+            (evt.EVT_N_SET, on_n_set),
         ],
     )
     scp = Scp(server.socket.getsockname()[1], stored, requests, server)

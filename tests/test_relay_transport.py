@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomfw.core.session import AssociationAccepted, AssociationEnded, RequestTally
 from tests.harness import (
     CT,
     GET,
+    MPPS,
     VERIFICATION,
     WAIT,
     Pki,
@@ -125,6 +126,36 @@ def test_c_get_sub_operations_come_back_on_the_same_association(tmp_path: Path, 
     assert responses[-1][0].Status == 0x0000
     assert received == [ct_image(seed=0).SOPInstanceUID, ct_image(seed=1).SOPInstanceUID]
     assert pacs.requests == ["C-GET"]
+
+
+def test_n_services_pass_when_allowed_and_are_answered_by_the_firewall_when_not(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """MPPS: N-CREATE is allowed on the route and reaches the PACS; N-SET is not, and the
+    firewall answers it at once with an N-SET-RSP 0x0124 on the same association."""
+    allow = "[{services: [N-CREATE], sop_classes: [ModalityPerformedProcedureStep]}]"
+    step = generate_uid()
+    with (
+        running_scp() as pacs,
+        running_firewall(
+            tmp_path, rules(pki, pacs.port, upstream_tls=False, allow=allow)
+        ) as firewall,
+    ):
+        association = scu("CT01", (MPPS,)).associate(
+            "127.0.0.1", firewall.port("front"), ae_title="PACS"
+        )
+        assert association.is_established
+        started = pydicom.Dataset()
+        started.PerformedProcedureStepStatus = "IN PROGRESS"
+        created, attributes = association.send_n_create(started, MPPS, step)
+        completed = pydicom.Dataset()
+        completed.PerformedProcedureStepStatus = "COMPLETED"
+        refused, _ = association.send_n_set(completed, MPPS, step)
+        association.release()
+    assert created.Status == 0x0000
+    assert attributes is not None and attributes.PerformedProcedureStepStatus == "IN PROGRESS"
+    assert refused.Status == 0x0124
+    assert pacs.requests == ["N-CREATE"]
 
 
 def test_dcmtk_echoscu_and_storescu_reach_a_dcmtk_tls_storescp(tmp_path: Path, pki: Pki) -> None:
