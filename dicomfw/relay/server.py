@@ -5,7 +5,8 @@ carries out the commands that come back (write, connect, close) and hands the ev
 observers (log, audit, metrics). What it owns is the I/O: TLS via ``loop.start_tls`` with the
 context current at accept time (so a reload changes certificates without re-binding), TCP_NODELAY
 on both sockets, backpressure both ways (a full write buffer on one side pauses reading on the
-other), and the ARTIM / idle / connect / handshake timers.
+other), the ARTIM / idle / connect / handshake timers, and the once-a-second hand-over of each
+association's request tally to the observers.
 """
 
 from __future__ import annotations
