@@ -317,6 +317,33 @@ def test_upstream_sessions_are_resumed_and_dropped_on_reload(tmp_path: Path) -> 
     assert resumed == [False, True, False, True]
 
 
+def test_a_reload_applies_to_new_associations_and_leaves_open_ones_running(tmp_path: Path) -> None:
+    """Rules are reloaded without dropping associations: one that is open keeps the rules it
+    started with (here: its peer is removed), new ones get the new rules at once."""
+    from tests.harness import associate_rq, ct_image, exchange, make_pki, rules, scu
+
+    pki = make_pki(tmp_path / "pki")
+    with (
+        running_scp() as pacs,
+        running_firewall(tmp_path, rules(pki, pacs.port, upstream_tls=False)) as firewall,
+    ):
+        port = firewall.port("front")
+        held = scu("CT01").associate("127.0.0.1", port, ae_title="PACS")
+        assert held.is_established
+        path = tmp_path / "rules.yaml"
+        path.write_text(path.read_text().replace("ae_title: CT01,", "ae_title: CT02,"))
+        assert firewall.call(lambda: reload(firewall.relay, path))
+        # calling AE not recognized (1, 1, 3) for a new association ...
+        assert exchange(port, associate_rq("CT01", "PACS")) == bytes(
+            (0x03, 0, 0, 0, 0, 4, 0, 1, 1, 3)
+        )
+        # ... while the open one goes on under the rules it started with.
+        assert held.send_c_echo().Status == 0x0000
+        assert held.send_c_store(ct_image(seed=3)).Status == 0x0000
+        held.release()
+    assert pacs.requests == ["C-ECHO", "C-STORE"]
+
+
 def test_certs_check_with_the_rules_file_checks_every_certificate_it_uses(site: Site) -> None:
     (site.dir / "rules.yaml").write_text(site.rules(104))
     assert DICOMFW is not None
