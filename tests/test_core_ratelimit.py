@@ -31,12 +31,12 @@ from tests.corehelpers import Clock, associate_rq, c_find_rq, command_pdv, data_
 from tests.test_core_session import (
     CAP,
     FIND,
-    PACS_AC,
     PACS_CONTEXTS,
     POLICY,
     REQUESTER,
     UPSTREAM,
     echo,
+    established,
     refusal,
     transcript,
 )
@@ -297,12 +297,7 @@ def test_an_address_over_its_rate_is_rejected_before_its_ae_title_is_looked_at()
 
 
 def established_with(limits: RateLimits, clock: Clock) -> Session:
-    session = limited_session(limits, Limiter(), clock)
-    session.receive(REQUESTER, associate_rq("CT01", "PACS", PACS_CONTEXTS))
-    session.upstream_connected()
-    session.receive(UPSTREAM, PACS_AC)
-    assert session.state is State.ESTABLISHED
-    return session
+    return established(session=limited_session(limits, Limiter(), clock))
 
 
 def find(message_id: int) -> bytes:

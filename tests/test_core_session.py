@@ -146,8 +146,10 @@ def established(
     called: str = "PACS",
     contexts: Sequence[ContextSpec] = PACS_CONTEXTS,
     ac: bytes = PACS_AC,
+    session: Session | None = None,
 ) -> Session:
-    session = new_session()
+    """``session`` (a new one by default) taken through CT01's association set-up."""
+    session = session or new_session()
     assert len(session.receive(REQUESTER, associate_rq("CT01", called, contexts))) == 1
     session.upstream_connected()
     session.receive(UPSTREAM, ac)
@@ -444,11 +446,8 @@ def test_answers_are_counted_by_status_class_and_a_failure_is_an_event_too() -> 
 
 
 def established_with_clock(clock: Clock) -> Session:
-    session = Session(POLICY, "modalities", ip_address("10.1.2.3"), None, CAP, clock=clock)
-    session.receive(REQUESTER, associate_rq("CT01", "PACS", PACS_CONTEXTS))
-    session.upstream_connected()
-    session.receive(UPSTREAM, PACS_AC)
-    return session
+    timed = Session(POLICY, "modalities", ip_address("10.1.2.3"), None, CAP, clock=clock)
+    return established(session=timed)
 
 
 def test_round_trips_are_timed_on_the_clock_from_request_to_final_response() -> None:
