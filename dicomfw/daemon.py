@@ -23,7 +23,7 @@ from typing import Protocol
 from dicomfw.config.load import load_config
 from dicomfw.errors import ConfigError, ConfigErrors
 from dicomfw.eventlog import log_observer
-from dicomfw.heap import HeapTrimmer
+from dicomfw.heap import HeapTrimmer, map_large_blocks
 from dicomfw.logsetup import log_event
 from dicomfw.observability import Observability
 from dicomfw.relay.server import Relay, Runtime, build_runtime
@@ -232,6 +232,7 @@ def run(
     config_path: Path, drain_seconds: float | None = None, worker: WorkerSetup | None = None
 ) -> int:
     """Run the daemon on uvloop when it is installed (less CPU and memory per association)."""
+    map_large_blocks()
     try:
         import uvloop
     except ImportError:

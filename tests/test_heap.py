@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,3 +112,52 @@ def test_the_daemon_trims_after_a_burst_of_associations(tmp_path: Path, pki: Pki
             assert daemon.wait(WAIT) == 0
             log = daemon.stderr.read().decode() if daemon.stderr else ""
     assert "event=heap_trimmed released=" in log, log[-2000:]
+
+
+MAPPING_PROBE = """
+import ctypes, json, sys
+from dicomfw.heap import MMAP_THRESHOLD_BYTES, map_large_blocks
+from dicomfw.relay.server import READ_BYTES
+from tests.mallinfo import LIBC, mallinfo2
+
+LIBC.malloc.restype = ctypes.c_void_p
+LIBC.malloc.argtypes = [ctypes.c_size_t]
+LIBC.free.argtypes = [ctypes.c_void_p]
+
+def mapped(size):
+    LIBC.free(LIBC.malloc(1 << 20))  # a freed 1 MiB block: glibc would raise its threshold
+    LIBC.malloc_trim(0)  # no room at the heap's top (where a block would come from first)
+    before = mallinfo2().hblks
+    block = LIBC.malloc(size)
+    grew = mallinfo2().hblks - before
+    LIBC.free(block)
+    return grew == 1
+
+result = {"default": mapped(MMAP_THRESHOLD_BYTES)}
+result["set"] = map_large_blocks()
+result["tls_buffer"] = mapped(MMAP_THRESHOLD_BYTES)  # uvloop's SSL_READ_MAX_SIZE
+result["relay_read"] = mapped(READ_BYTES + 33)  # a bytes object of one relay read
+json.dump(result, sys.stdout)
+"""
+
+
+def test_blocks_of_256_kib_are_mapped_on_their_own_and_a_relay_read_is_not() -> None:
+    """In a fresh interpreter (mallopt is process-wide): glibc's own threshold moves above
+    uvloop's 256 KiB TLS read buffer once a larger block was freed; after
+    ``map_large_blocks`` it stays put, below that buffer and above what one read copies.
+    (glibc maps a block only when the heap's top has no room for it; ``HeapTrimmer`` trims
+    the top whenever association churn stops.)"""
+    probe = subprocess.run(
+        [sys.executable, "-c", MAPPING_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert probe.returncode == 0, probe.stderr
+    assert json.loads(probe.stdout) == {
+        "default": False,
+        "set": True,
+        "tls_buffer": True,
+        "relay_read": False,
+    }

@@ -50,6 +50,9 @@ log = logging.getLogger("dicomfw.relay")
 
 #: After a drain, how long the A-ABORTs sent to what was left may take to be written.
 _ABORT_FLUSH_SECONDS: Final = 1.0
+#: Plaintext bytes taken from a TLS connection at once (uvloop's own plain read size); see
+#: ``_TlsReads``. Below the 256 KiB from which ``heap.py`` has glibc map memory afresh.
+READ_BYTES: Final = 256_000
 #: How often open associations report what their requests came to (``RequestTally``).
 _TALLY_SECONDS: Final = 1.0
 #: A balancer sends the PROXY header with its first segment; a connection that has not within
@@ -131,6 +134,51 @@ def _nodelay(sock: Any) -> None:
     """Nagle off on both sides: a DIMSE response must not wait ~40 ms for a delayed ACK."""
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+class _TlsReads(asyncio.BufferedProtocol):
+    """Reads a TLS transport for ``protocol``, which sees ordinary ``data_received`` calls.
+
+    For memory, not speed: a TLS transport that calls ``data_received`` itself decrypts every
+    read into a fresh 256 KiB bytes object (uvloop's ``SSL_READ_MAX_SIZE``), so glibc could not
+    map blocks of that size on their own without paying for it on every read (``heap.py``);
+    and uvloop's 256 KiB read buffer of each TLS connection then lands in the heap between the
+    small allocations of the others. Measured with 1,000 idle associations: 34 KB each instead
+    of 42 KB. Buffered, the transport decrypts into the relay's one ``read_buffer`` and each
+    read is copied out at once (a copy of what arrived; the loop never runs in between). Plain
+    transports are not wrapped: uvloop copies their reads out of its own shared buffer already.
+    """
+
+    def __init__(self, protocol: asyncio.Protocol, read_buffer: memoryview) -> None:
+        self._protocol = protocol
+        self._read_buffer = read_buffer
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._protocol.connection_made(transport)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._read_buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._protocol.data_received(bytes(self._read_buffer[:nbytes]))
+
+    def eof_received(self) -> bool | None:
+        return self._protocol.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._protocol.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._protocol.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._protocol.resume_writing()
+
+
+def _tls_reads(
+    protocol: asyncio.Protocol, context: ssl.SSLContext | None, read_buffer: memoryview
+) -> asyncio.BaseProtocol:
+    return protocol if context is None else _TlsReads(protocol, read_buffer)
 
 
 class _UpstreamProtocol(asyncio.Protocol):
@@ -252,7 +300,7 @@ class Association(asyncio.Protocol):
             # asyncio.timeout, not wait_for: no extra task (and loop iteration) per association
             async with asyncio.timeout(config.limits.connect_timeout_seconds):
                 transport, _ = await self._loop.create_connection(
-                    lambda: _UpstreamProtocol(self),
+                    lambda: _tls_reads(_UpstreamProtocol(self), context, self._relay.read_buffer),
                     upstream.host,
                     upstream.port,
                     ssl=context,
@@ -507,6 +555,7 @@ class Relay:
         self.observers = list(observers)
         self.associations: set[Association] = set()
         self.connections = 0  # accepted so far, refused ones included
+        self.read_buffer = memoryview(bytearray(READ_BYTES))  # see ``_TlsReads``
         self.limiter = Limiter()  # survives reloads: counts of open associations stay true
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
@@ -622,7 +671,9 @@ class Relay:
         context = runtime.server_contexts.get(listener.name)
         try:
             await loop.connect_accepted_socket(
-                lambda: Association(self, listener, runtime, info, gate),
+                lambda: _tls_reads(
+                    Association(self, listener, runtime, info, gate), context, self.read_buffer
+                ),
                 connection,
                 ssl=context,
                 ssl_handshake_timeout=runtime.config.limits.tls_handshake_seconds
