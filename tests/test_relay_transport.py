@@ -11,6 +11,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from dicomfw.core.session import AssociationAccepted, AssociationEnded, RequestTally
+from dicomfw.relay.server import TLS_WRITE_BYTES, _write_in_pieces
 from tests.harness import (
     CT,
     GET,
@@ -69,7 +70,8 @@ def test_every_transport_combination_relays_echo_and_store(
     tmp_path: Path, pki: Pki, listener_tls: bool, upstream_tls: bool
 ) -> None:
     upstream_context = server_context(pki, pki.pacs) if upstream_tls else None
-    images = [ct_image(seed=n, pixel_bytes=300_000) for n in range(3)]
+    # The last one is larger than a TLS write (TLS_WRITE_BYTES) many times over.
+    images = [ct_image(seed=n, pixel_bytes=300_000 if n < 2 else 3_000_000) for n in range(3)]
     with (
         running_scp(ssl_context=upstream_context) as pacs,
         running_firewall(
@@ -277,3 +279,23 @@ def test_a_slow_upstream_pauses_the_sender_instead_of_filling_memory(
     assert pacs.stored == [encoded(image)]
     # asyncio's default high-water mark is 64 KiB; one read (256 KiB) may land on top of it.
     assert 0 < peak <= 1_048_576, peak
+
+
+class _RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+
+def test_a_large_buffer_goes_to_a_tls_transport_in_pieces_of_tls_write_bytes() -> None:
+    data = bytes(range(256)) * 1200  # 307,200 bytes
+    transport = _RecordingTransport()
+    _write_in_pieces(transport, data, TLS_WRITE_BYTES)  # type: ignore[arg-type]
+    assert [len(piece) for piece in transport.writes] == [
+        TLS_WRITE_BYTES,
+        TLS_WRITE_BYTES,
+        len(data) - 2 * TLS_WRITE_BYTES,
+    ]
+    assert b"".join(transport.writes) == data
