@@ -2,7 +2,7 @@
 
 dicomfw needs two things from OpenSSL that ``ssl`` has no API for: offering a cached session
 without CPython's copy of it (``resume.py``), and handing an idle connection's record buffers
-back (``release_buffers``). Both take pointers out of CPython's ``_ssl`` objects. That is done
+back (``BufferRelease``). Both take pointers out of CPython's ``_ssl`` objects. That is done
 only when the object layouts are the ones this module knows (CPython 3.11 release build: the
 type sizes below) and the libssl in this process is the one ``_ssl`` was built for; and before
 each use OpenSSL confirms the pointers (the connection belongs to the context it claims).
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 #: (_SSLContext, SSLSession, _SSLSocket) sizes of the layouts below, per CPython version.
 _KNOWN_SIZES: Final = {(3, 11): (96, 32, 96)}
 _HEAD: Final = 16  # PyObject_HEAD of a 64-bit release build
-CONTEXT_CTX: Final = _HEAD  # PySSLContext.ctx (SSL_CTX *)
+_CONTEXT_CTX: Final = _HEAD  # PySSLContext.ctx (SSL_CTX *)
 SESSION_SESSION: Final = _HEAD  # PySSLSession.session (SSL_SESSION *)
 SESSION_CONTEXT: Final = _HEAD + 8  # PySSLSession.ctx (PySSLContext *)
 _SOCKET_SSL: Final = _HEAD + 8  # PySSLSocket.ssl (SSL *), after PyObject *Socket
@@ -123,7 +123,7 @@ def connection_handle(lib: LibSsl, connection: ssl.SSLObject) -> int:
     if native is None:
         return 0
     context = connection.context
-    ctx = pointer(context, CONTEXT_CTX)
+    ctx = pointer(context, _CONTEXT_CTX)
     if not ctx or lib.ctx_options(ctx) != context.options:
         return 0
     handle = pointer(native, _SOCKET_SSL)
@@ -149,14 +149,14 @@ class BufferRelease:
     def __init__(self, connection: ssl.SSLObject) -> None:
         lib = LIBSSL
         self._connection = connection
-        self._free = lib.free_buffers if lib is not None else None
         self._handle = connection_handle(lib, connection) if lib is not None else 0
+        self._free = lib.free_buffers if lib is not None and self._handle else None
 
     @property
     def active(self) -> bool:
         """False where this interpreter or OpenSSL does not allow it: ``release`` does nothing."""
-        return self._free is not None and self._handle != 0
+        return self._free is not None
 
     def release(self) -> None:
-        if self._free is not None and self._handle:
+        if self._free is not None:
             self._free(self._handle)  # 0 = something still buffered: kept, which is right
