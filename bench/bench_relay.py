@@ -41,13 +41,15 @@ from procs import (
     ForeignLoad,
     Service,
     busy_fraction,
+    children_cpu_seconds,
     cpu_seconds,
     free_port,
     machine_info,
+    reaped_children_cpu_seconds,
     rss_kb,
 )
 from procs import run_timed as run_client
-from report import Run
+from report import Cpu, Run
 
 log = logging.getLogger("bench")
 
@@ -91,6 +93,7 @@ class Way:
     port: int
     tls: bool = False  # the client itself speaks TLS (direct)
     proxy: Service | None = None
+    scp: Service | None = None  # the storescp it ends at (its CPU is measured too)
 
 
 @dataclass
@@ -181,12 +184,12 @@ class Bench:
         tunnel = self.stunnel("stunnel", tls_scp.port)
         bare = self.bare("bare", tls_scp.port)
         self.ways = {
-            "bare": Way("bare", bare.port, proxy=bare),
-            "plain": Way("plain", plain_scp.port),
-            "direct": Way("direct", tls_scp.port, tls=True),
-            "dicomfw": Way("dicomfw", fw.port, proxy=fw),
-            "dicomfw-noresume": Way("dicomfw-noresume", noresume.port, proxy=noresume),
-            "stunnel": Way("stunnel", tunnel.port, proxy=tunnel),
+            "bare": Way("bare", bare.port, proxy=bare, scp=tls_scp),
+            "plain": Way("plain", plain_scp.port, scp=plain_scp),
+            "direct": Way("direct", tls_scp.port, tls=True, scp=tls_scp),
+            "dicomfw": Way("dicomfw", fw.port, proxy=fw, scp=tls_scp),
+            "dicomfw-noresume": Way("dicomfw-noresume", noresume.port, proxy=noresume, scp=tls_scp),
+            "stunnel": Way("stunnel", tunnel.port, proxy=tunnel, scp=tls_scp),
         }
 
     # ---- running one client ----------------------------------------------------------------
@@ -219,15 +222,21 @@ class Bench:
         result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
         return result
 
-    def measure(self, way: Way, action: Callable[[], float]) -> tuple[float, float | None]:
-        """Run ``action`` (returns seconds); also return the proxy's CPU seconds meanwhile."""
-        proxy = way.proxy
+    def measure(self, way: Way, action: Callable[[], float]) -> tuple[float, Cpu]:
+        """Run ``action`` (returns seconds); also return the CPU seconds each process used
+        meanwhile: the client(s), the proxy and the SCP with its forked children."""
+        proxy, scp = way.proxy, way.scp
         if proxy is not None:
             proxy.new_log()
-        before = cpu_seconds(proxy.pid) if proxy else 0.0
+        proxy_before = cpu_seconds(proxy.pid) if proxy else 0.0
+        scp_before = children_cpu_seconds(scp.pid) if scp else 0.0
+        client_before = reaped_children_cpu_seconds()
         seconds = action()
-        cpu = cpu_seconds(proxy.pid) - before if proxy else None
-        return seconds, cpu
+        return seconds, Cpu(
+            proxy=cpu_seconds(proxy.pid) - proxy_before if proxy else None,
+            client=reaped_children_cpu_seconds() - client_before,
+            scp=children_cpu_seconds(scp.pid) - scp_before if scp else None,
+        )
 
     def check_firewall(self, way: Way, associations: int, requests: int | None) -> dict[str, int]:
         """The dicomfw log must show every association released (and every request answered).
@@ -272,7 +281,7 @@ class Bench:
                 argv = self.storescu_argv(way, ["+sd", str(directory)])
                 seconds, cpu = self.measure(way, partial(run_client, argv, 600, DCMTK_ENV))
                 self.check_firewall(way, 1, len(files))
-                self.record(Run(workload, way.name, rnd, seconds, len(files), payload, 0, cpu))
+                self.record(Run(workload, way.name, rnd, seconds, len(files), payload, 0, *cpu))
 
     def per_association_storescu(self, files: list[Path], rounds: int) -> None:
         """(c) with DCMTK: one storescu process (and association) per instance."""
@@ -289,7 +298,7 @@ class Bench:
                 seconds, cpu = self.measure(way, partial(loop, way))
                 extra = self.check_firewall(way, len(files), len(files))
                 n = len(files)
-                self.record(Run("c", way.name, rnd, seconds, n, payload, n, cpu, extra))
+                self.record(Run("c", way.name, rnd, seconds, n, payload, n, *cpu, extra=extra))
 
     def per_association_lean(self, workload: str, op: str, rounds: int) -> None:
         """(c) with the lean client: COUNT associations, one C-STORE (or C-ECHO) each."""
@@ -311,7 +320,9 @@ class Bench:
                 if way.tls:
                     extra = {k: result[k] for k in ("tls_handshakes", "tls_resumed")}
                 instances = count if op == "store" else 0
-                run = Run(workload, way.name, rnd, seconds, instances, payload, count, cpu, extra)
+                run = Run(
+                    workload, way.name, rnd, seconds, instances, payload, count, *cpu, extra=extra
+                )
                 self.record(run)
 
     def echo_latency(self, rounds: int) -> None:
@@ -476,6 +487,7 @@ def render(results: Results) -> str:
         "## Goals (issue 3, Performance)\n\n" + report.goals_table(goals),
         "## Throughput and association set-up\n\n"
         + report.throughput_table(rows, ["a", "b", "c", "c-lean", "c-lean-echo"]),
+        "## CPU of each process\n\n" + report.cpu_table(rows, ["a", "b"]),
         f"## C-ECHO round trip ({s.echo_count} on one association, lean client)\n\n"
         + report.latency_table(rows, results.runs),
         f"## Memory: {s.hold_count} idle associations held open at once\n\n"

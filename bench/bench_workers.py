@@ -197,14 +197,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     sys.stdout.write("| workload | proxy | median s | rate | proxy CPU s |\n")
     sys.stdout.write("|---|---|---|---|---|\n")
-    for (workload, way), runs in results.items():
+    for (workload, name), runs in results.items():
         seconds = statistics.median(s for s, _ in runs)
         cpu = statistics.median(c for _, c in runs)
         if workload == "store":
             rate = f"{megabytes / seconds:.0f} MB/s"
         else:
             rate = f"{CLIENTS * ASSOCIATIONS / seconds:.0f} assoc/s"
-        sys.stdout.write(f"| {workload} | {way} | {seconds:.2f} | {rate} | {cpu:.1f} |\n")
+        sys.stdout.write(f"| {workload} | {name} | {seconds:.2f} | {rate} | {cpu:.1f} |\n")
     return 0
 
 

@@ -11,6 +11,7 @@ import logging
 import os
 import platform
 import re
+import resource
 import signal
 import socket
 import ssl
@@ -57,6 +58,26 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def children_cpu_seconds(pid: int, settle: float = 2.0) -> float:
+    """utime + stime of a process plus its reaped children (cutime + cstime): for
+    ``storescp --fork``, whose per-association children do the work. Waits (at most ``settle``
+    seconds) until no child is left, so a child that just finished is counted."""
+    deadline = time.monotonic() + settle
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    while children.read_text().strip() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+
+
+def reaped_children_cpu_seconds() -> float:
+    """CPU seconds of this process's children that have exited and been waited for: the
+    clients the benchmark runs (its services are still running, so they are not included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def thread_cpu_seconds(pid: int, tid: int) -> float:

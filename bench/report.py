@@ -9,10 +9,18 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 GB = 1e9  # CPU seconds per GB: per 10^9 bytes of DICOM file data sent
 MB = 1e6
+
+
+class Cpu(NamedTuple):
+    """CPU seconds each process used during one run (``None``: that way has no such process)."""
+
+    proxy: float | None
+    client: float | None
+    scp: float | None
 
 
 @dataclass
@@ -27,6 +35,8 @@ class Run:
     payload_bytes: int = 0
     associations: int = 0
     proxy_cpu: float | None = None  # CPU seconds of dicomfw/stunnel during the run
+    client_cpu: float | None = None  # of the client process(es): storescu or the lean client
+    scp_cpu: float | None = None  # of storescp and the children it forked per association
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -45,6 +55,7 @@ class Row:
     cpu_ms_per_assoc: float | None
     vs_stunnel: float | None  # median over rounds of seconds / stunnel's seconds
     vs_direct: float | None
+    cpu: Cpu  # medians over rounds, seconds per run
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -91,6 +102,11 @@ def summarize(runs: Sequence[Run]) -> list[Row]:
                 ),
                 vs_stunnel=_paired_ratio(runs, way, "stunnel", workload),
                 vs_direct=_paired_ratio(runs, way, "direct", workload),
+                cpu=Cpu(
+                    median(r.proxy_cpu for r in mine if r.proxy_cpu is not None),
+                    median(r.client_cpu for r in mine if r.client_cpu is not None),
+                    median(r.scp_cpu for r in mine if r.scp_cpu is not None),
+                ),
                 extra=_merge_extra(mine),
             )
         )
@@ -234,6 +250,25 @@ def throughput_table(rows: Sequence[Row], workloads: Sequence[str]) -> str:
                 _fmt(row.vs_direct, 2),
                 _notes(row),
             ]
+        )
+    return _table(header, body)
+
+
+def cpu_table(rows: Sequence[Row], workloads: Sequence[str]) -> str:
+    """Who used the two cores: the client, the proxy and the SCP, per run (medians)."""
+    header = ["workload", "way", "median s", "client CPU s", "proxy CPU s", "SCP CPU s",
+              "all three s", "cores busy", "proxy + SCP s"]  # fmt: skip
+    body = []
+    for row in rows:
+        if row.workload not in workloads or row.cpu.client is None:
+            continue
+        parts = [value or 0.0 for value in row.cpu]
+        total = sum(parts)
+        proxy_and_scp = (row.cpu.proxy or 0.0) + (row.cpu.scp or 0.0)
+        body.append(
+            [row.workload, row.way, _fmt(row.seconds, 3)]
+            + [_fmt(value, 2) for value in (row.cpu.client, row.cpu.proxy, row.cpu.scp, total)]
+            + [_fmt(total / row.seconds, 2), _fmt(proxy_and_scp, 2)]
         )
     return _table(header, body)
 
