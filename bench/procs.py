@@ -53,10 +53,15 @@ def is_listening(port: int) -> bool:
     return False
 
 
+def _stat_fields(pid: int) -> list[str]:
+    """/proc/PID/stat after the command name (which may contain spaces): field 3 onwards."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a whole process (all threads), from /proc/PID/stat."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
@@ -68,9 +73,7 @@ def children_cpu_seconds(pid: int, settle: float = 2.0) -> float:
     children = Path(f"/proc/{pid}/task/{pid}/children")
     while children.read_text().strip() and time.monotonic() < deadline:
         time.sleep(0.01)
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+    return sum(int(value) for value in _stat_fields(pid)[11:15]) / CLOCK_TICKS
 
 
 def reaped_children_cpu_seconds() -> float:
