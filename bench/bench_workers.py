@@ -10,7 +10,8 @@ default. Workloads, each with 20 clients started at once against one daemon:
   tls-assoc  the same with mutual TLS on the listener too (a TLS handshake on both sides)
 
 stunnel doing the same plain-to-TLS upgrade runs next to them as a reference. Rounds are paired
-and rotated; the medians are printed with the CPU seconds of all the proxy's processes.
+and rotated; the medians are printed with the CPU seconds of all the proxy's processes, of the
+20 clients together, and of storescp with the children it forks (one per association).
 
     python bench/bench_workers.py              # 3 rounds, ~3 minutes on 2 cores
     python bench/bench_workers.py --rounds 5
@@ -32,7 +33,16 @@ from pathlib import Path
 
 import fixtures
 from fixtures import CALLED_AE, CALLING_AE, LOCALHOST, Pki
-from procs import DCMTK_ENV, BenchError, Service, cpu_seconds, free_port
+from procs import (
+    DCMTK_ENV,
+    BenchError,
+    Service,
+    children_cpu_seconds,
+    cpu_seconds,
+    free_port,
+    reaped_children_cpu_seconds,
+)
+from report import Cpu
 
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
@@ -40,6 +50,7 @@ STORESCU, STORESCP, STUNNEL = "/usr/bin/storescu", "/usr/bin/storescp", "/usr/bi
 CLIENTS = 20
 INSTANCES = 50  # per storescu association
 ASSOCIATIONS = 50  # per lean client
+WORKLOADS = ("store", "assoc", "tls-assoc")
 TLS_LISTENER = """\
 listeners:
   - name: modalities
@@ -165,14 +176,18 @@ def _rotated(ways: list[Way], rnd: int) -> list[Way]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS), metavar="NAME"
+    )
     args = parser.parse_args(argv)
     megabytes = 0.0
-    results: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    results: dict[tuple[str, str], list[tuple[float, Cpu]]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
             bench = Bench(Path(tmp), stack)
             megabytes = CLIENTS * INSTANCES * bench.store_file.stat().st_size / 1e6
-            upstream = bench.storescp().port
+            scp = bench.storescp()
+            upstream = scp.port
             plain = [Way(f"workers {n}", bench.dicomfw(n, upstream, False), False) for n in (1, 2)]
             plain.append(Way("stunnel", bench.stunnel(upstream), False))
             tls = [Way(f"workers {n}", bench.dicomfw(n, upstream, True), True) for n in (1, 2)]
@@ -182,29 +197,51 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ("tls-assoc", tls, bench.lean_argvs, ASSOCIATIONS, ASSOCIATIONS),
             ]
             for workload, ways, argvs, associations, requests in workloads:
+                if workload not in args.workloads:
+                    continue
                 for way in ways:  # warm-up, untimed
                     _run_all([argvs(way)[0]])
                     _check(way, associations, requests)
                 for rnd in range(args.rounds):
                     for way in _rotated(ways, rnd):
-                        before = _tree_cpu(way.service.pid)
+                        proxy_before = _tree_cpu(way.service.pid)
+                        scp_before = children_cpu_seconds(scp.pid)
+                        clients_before = reaped_children_cpu_seconds()
                         seconds = _run_all(argvs(way))
-                        cpu = _tree_cpu(way.service.pid) - before
+                        cpu = Cpu(
+                            proxy=_tree_cpu(way.service.pid) - proxy_before,
+                            client=reaped_children_cpu_seconds() - clients_before,
+                            scp=children_cpu_seconds(scp.pid) - scp_before,
+                        )
                         _check(way, CLIENTS * associations, CLIENTS * requests)
                         results.setdefault((workload, way.name), []).append((seconds, cpu))
     except BenchError as error:
         sys.stderr.write(f"bench_workers: {error}\n")
         return 1
-    sys.stdout.write("| workload | proxy | median s | rate | proxy CPU s |\n")
-    sys.stdout.write("|---|---|---|---|---|\n")
+    sys.stdout.write(
+        "| workload | proxy | median s | rate | x stunnel | proxy CPU s | clients CPU s"
+        " | SCP CPU s |\n"
+    )
+    sys.stdout.write("|---|---|---|---|---|---|---|---|\n")
     for (workload, name), runs in results.items():
         seconds = statistics.median(s for s, _ in runs)
-        cpu = statistics.median(c for _, c in runs)
+        proxy, clients, scp_cpu = (
+            statistics.median(cpu[part] or 0.0 for _, cpu in runs) for part in range(3)
+        )
+        # Rate relative to stunnel's in the same round (rounds are paired), median over rounds.
+        stunnel = results.get((workload, "stunnel"))
+        ratio = "-"
+        if stunnel and name != "stunnel":
+            paired = zip(runs, stunnel, strict=True)
+            ratio = f"{statistics.median(t / s for (s, _), (t, _) in paired):.2f}"
         if workload == "store":
             rate = f"{megabytes / seconds:.0f} MB/s"
         else:
             rate = f"{CLIENTS * ASSOCIATIONS / seconds:.0f} assoc/s"
-        sys.stdout.write(f"| {workload} | {name} | {seconds:.2f} | {rate} | {cpu:.1f} |\n")
+        sys.stdout.write(
+            f"| {workload} | {name} | {seconds:.2f} | {rate} | {ratio} | {proxy:.2f}"
+            f" | {clients:.2f} | {scp_cpu:.2f} |\n"
+        )
     return 0
 
 
