@@ -55,94 +55,98 @@ class DimseCommand:
         return bool(self.command_field & RESPONSE_BIT)
 
 
-def _text(value: bytes | bytearray) -> str:
-    return value.rstrip(b"\x00 ").decode("latin-1").lstrip(" ")
-
-
-#: Elements decoded as US (2 bytes), and those decoded as text, by element number.
-_US_ELEMENTS: Final = frozenset(
-    {
-        TAG_COMMAND_FIELD,
-        TAG_MESSAGE_ID,
-        TAG_MESSAGE_ID_RESPONDED_TO,
-        TAG_COMMAND_DATA_SET_TYPE,
-        TAG_STATUS,
-    }
-)
-_TEXT_ELEMENTS: Final = frozenset(
-    {
-        TAG_AFFECTED_SOP_CLASS_UID,
-        TAG_REQUESTED_SOP_CLASS_UID,
-        TAG_MOVE_DESTINATION,
-        TAG_AFFECTED_SOP_INSTANCE_UID,
-        TAG_REQUESTED_SOP_INSTANCE_UID,
-    }
-)
+#: A US element's value when the element is absent, or present with a value that is not 2 bytes
+#: (an error only if the value is needed).
+_ABSENT: Final = -1
+_NOT_2_BYTES: Final = -2
 
 
 def decode_command(data: bytes | bytearray) -> DimseCommand:
     """Walk an Implicit VR LE group-0000 command set (PS3.7 §E.1).
 
     Runs once per DIMSE message (twice per C-ECHO round trip, where it was the largest part of
-    the firewall's own cost), so it is one pass with no closures: US values are read in place,
-    text values are sliced once the walk has found them. A repeated element counts once, the
-    last one, and a US element of the wrong size is an error only if it is read.
+    the firewall's own cost), so the walk keeps what it finds in local integers that the
+    compiled module holds unboxed: no dict, no tuple per element, no set lookups (compiled,
+    measured: ~1.8 -> 0.55 µs per command; interpreted it is slower, 11 -> 13 µs per C-ECHO
+    round trip through the session, which only matters without a C compiler). Text values are
+    sliced once the walk is done. A repeated element counts once, the last one, and a US element
+    of the wrong size is an error only if it is read.
     """
-    us: dict[int, int | None] = {}  # element -> value (None: not 2 bytes)
-    text: dict[int, tuple[int, int]] = {}  # element -> (offset, length)
-    unpack = _ELEMENT.unpack_from
+    raw = bytes(data)  # ~100 bytes; indexing ``bytes`` is the cheapest read in compiled code
+    end = len(raw)
+    command_field = message_id = responded_to = data_set_type = status = _ABSENT
+    # Where each text value is (offset << 32 | length), 0 when absent: an element's value
+    # starts at offset 8 or later, so 0 is never a real position.
+    affected_class = requested_class = affected_instance = requested_instance = destination = 0
     pos = 0
-    end = len(data)
     while pos < end:
         if end - pos < 8:
             raise RemoteProtocolError("truncated DIMSE command element", ABORT_INVALID_PARAMETER)
-        group, element, length = unpack(data, pos)
+        group = raw[pos] | raw[pos + 1] << 8
+        element = raw[pos + 2] | raw[pos + 3] << 8
+        length = raw[pos + 4] | raw[pos + 5] << 8 | raw[pos + 6] << 16 | raw[pos + 7] << 24
         pos += 8
         if group != 0x0000 or length > end - pos:
             raise RemoteProtocolError(
                 f"invalid DIMSE command element ({group:04x},{element:04x})",
                 ABORT_INVALID_PARAMETER,
             )
-        if element in _US_ELEMENTS:
-            us[element] = data[pos] | data[pos + 1] << 8 if length == 2 else None
-        elif element in _TEXT_ELEMENTS:
-            text[element] = (pos, length)
+        us = raw[pos] | raw[pos + 1] << 8 if length == 2 else _NOT_2_BYTES
+        where = pos << 32 | length
+        if element == TAG_COMMAND_FIELD:
+            command_field = us
+        elif element == TAG_MESSAGE_ID:
+            message_id = us
+        elif element == TAG_MESSAGE_ID_RESPONDED_TO:
+            responded_to = us
+        elif element == TAG_COMMAND_DATA_SET_TYPE:
+            data_set_type = us
+        elif element == TAG_STATUS:
+            status = us
+        elif element == TAG_AFFECTED_SOP_CLASS_UID:
+            affected_class = where
+        elif element == TAG_REQUESTED_SOP_CLASS_UID:
+            requested_class = where
+        elif element == TAG_AFFECTED_SOP_INSTANCE_UID:
+            affected_instance = where
+        elif element == TAG_REQUESTED_SOP_INSTANCE_UID:
+            requested_instance = where
+        elif element == TAG_MOVE_DESTINATION:
+            destination = where
         pos += length
-    command_field = _us(us, TAG_COMMAND_FIELD)
-    if command_field is None:
+    if command_field == _ABSENT:
         raise RemoteProtocolError("DIMSE command without CommandField", ABORT_INVALID_PARAMETER)
+    command_field = _us(command_field, TAG_COMMAND_FIELD)
     is_response = command_field & RESPONSE_BIT
+    if is_response:
+        message_id, status = _us(responded_to, TAG_MESSAGE_ID_RESPONDED_TO), _us(status, TAG_STATUS)
+    else:
+        message_id, status = _us(message_id, TAG_MESSAGE_ID), _ABSENT
     return DimseCommand(  # positional: keywords cost per message too
         command_field,
-        _us(us, TAG_MESSAGE_ID_RESPONDED_TO if is_response else TAG_MESSAGE_ID),
-        _string_of(data, text, TAG_AFFECTED_SOP_CLASS_UID, TAG_REQUESTED_SOP_CLASS_UID),
-        _string_of(data, text, TAG_AFFECTED_SOP_INSTANCE_UID, TAG_REQUESTED_SOP_INSTANCE_UID),
-        _string_of(data, text, TAG_MOVE_DESTINATION) if TAG_MOVE_DESTINATION in text else None,
-        _us(us, TAG_COMMAND_DATA_SET_TYPE) != NO_DATA_SET,
-        _us(us, TAG_STATUS) if is_response else None,
+        None if message_id == _ABSENT else message_id,
+        _text(raw, affected_class or requested_class),
+        _text(raw, affected_instance or requested_instance),
+        _text(raw, destination) if destination else None,
+        _us(data_set_type, TAG_COMMAND_DATA_SET_TYPE) != NO_DATA_SET,
+        None if status == _ABSENT else status,
     )
 
 
-def _us(values: dict[int, int | None], tag: int) -> int | None:
-    if tag not in values:
-        return None
-    value = values[tag]
-    if value is None:
+def _us(value: int, tag: int) -> int:
+    """A US element's value as found by the walk (``_ABSENT`` passes through)."""
+    if value == _NOT_2_BYTES:
         raise RemoteProtocolError(
             f"DIMSE command element (0000,{tag:04x}) must be 2 bytes", ABORT_INVALID_PARAMETER
         )
     return value
 
 
-def _string_of(
-    data: bytes | bytearray, found: dict[int, tuple[int, int]], first: int, second: int = -1
-) -> str:
-    """The text of element ``first``, else ``second``, else ""."""
-    where = found.get(first) or found.get(second)
-    if where is None:
-        return ""
-    offset, length = where
-    return _text(data[offset : offset + length])
+def _text(raw: bytes, where: int) -> str:
+    """The text value at ``where`` (offset << 32 | length), "" when absent; padding removed."""
+    offset = where >> 32
+    value = raw[offset : offset + (where & 0xFFFFFFFF)]
+    return value.rstrip(b"\x00 ").decode("latin-1").lstrip(" ")
 
 
 def _element(tag: int, value: bytes) -> bytes:
