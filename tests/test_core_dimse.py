@@ -107,6 +107,29 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHL", 0x0000, element, len(value)) + value
 
 
+def test_a_repeated_element_counts_once_the_last_one() -> None:
+    encoded = (
+        _element(0x0100, b"\x30\x00")  # C-ECHO-RQ
+        + _element(0x0110, b"\x07\x00")
+        + _element(0x0002, b"1.2.3\x00")
+        + _element(0x0110, b"\x09\x00")
+        + _element(0x0002, b"1.2.840.10008.1.1\x00")
+        + _element(0x0800, b"\x01\x01")
+    )
+    command = decode_command(encoded)
+    assert (command.message_id, command.sop_class) == (9, "1.2.840.10008.1.1")
+    assert not command.has_data_set
+
+
+def test_a_us_element_of_the_wrong_size_is_an_error_only_where_it_is_read() -> None:
+    bad_status = _element(0x0900, b"\x00\x00\x00\x00")
+    request = _element(0x0100, b"\x30\x00") + _element(0x0110, b"\x01\x00") + bad_status
+    assert decode_command(request).status is None  # a request's Status is never read
+    response = _element(0x0100, b"\x30\x80") + _element(0x0120, b"\x01\x00") + bad_status
+    with pytest.raises(RemoteProtocolError, match=r"\(0000,0900\) must be 2 bytes"):
+        decode_command(response)
+
+
 MALFORMED_COMMANDS: dict[str, tuple[bytes, str]] = {
     "truncated element header": (c_echo_rq(1) + b"\x00\x00\x00", "truncated"),
     "element outside group 0000": (
