@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -151,6 +152,39 @@ def test_malformed_command_set_is_a_remote_protocol_error(case: str) -> None:
     with pytest.raises(RemoteProtocolError, match=message) as raised:
         decode_command(encoded)
     assert raised.value.abort_reason == ABORT_INVALID_PARAMETER
+
+
+def _mutated(rng: random.Random, encoded: bytes) -> bytes:
+    """``encoded`` with a few random edits: a byte changed, a cut, an element added or appended."""
+    data = bytearray(encoded)
+    for _ in range(rng.randint(1, 4)):
+        edit = rng.randrange(4)
+        if edit == 0 and data:
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        elif edit == 1:
+            del data[rng.randrange(len(data) + 1) :]
+        elif edit == 2:
+            value = rng.randbytes(rng.choice((0, 1, 2, 3, 4, 17)))
+            at = rng.randrange(len(data) + 1)
+            data[at:at] = _element(rng.choice((0x0002, 0x0100, 0x0110, 0x0120, 0x0900)), value)
+        else:
+            data += rng.randbytes(rng.randrange(1, 12))
+    return bytes(data)
+
+
+def test_any_command_set_decodes_or_is_refused_as_invalid_never_anything_else() -> None:
+    """Command sets come from the network: whatever the bytes, the answer is a command or a
+    RemoteProtocolError that becomes an A-ABORT (invalid parameter), never another exception."""
+    rng = random.Random(20261125)
+    seeds = [encoded for encoded, _ in PYNETDICOM_COMMANDS.values()]
+    decoded = 0
+    for _ in range(3000):
+        try:
+            decode_command(_mutated(rng, rng.choice(seeds)))
+            decoded += 1
+        except RemoteProtocolError as error:
+            assert error.abort_reason == ABORT_INVALID_PARAMETER
+    assert 100 < decoded < 3000  # both outcomes were exercised
 
 
 # ---- refusal responses ---------------------------------------------------------------------------
