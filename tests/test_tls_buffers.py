@@ -12,7 +12,7 @@ import pytest
 from dicomfw.relay.libssl import LIBSSL, BufferRelease, free_buffers_safe
 from tests.harness import Pki
 from tests.mallinfo import HAS_MALLINFO2, heap_in_use
-from tests.tlshelpers import MemoryBioClient, tls_server, upstream_context
+from tests.tlshelpers import connected, tls_server, upstream_context
 
 FREES_BUFFERS = LIBSSL is not None and LIBSSL.free_buffers is not None and HAS_MALLINFO2
 needs_native = pytest.mark.skipif(
@@ -44,21 +44,19 @@ def test_free_buffers_is_used_only_where_cve_2024_4741_is_fixed(
 
 @needs_native
 def test_an_idle_connection_gives_its_read_buffer_back_and_keeps_working(pki: Pki) -> None:
-    with tls_server(pki, replies=(b"!", b"!", b"!")) as port:
-        client = MemoryBioClient(port, upstream_context(pki))
-        try:
-            client.handshake()
-            release = BufferRelease(client.connection)
-            assert release.active
-            assert client.ask() == b"!"  # with it, the session tickets
-            before = heap_in_use()
+    with (
+        tls_server(pki, replies=(b"!", b"!", b"!")) as port,
+        connected(port, upstream_context(pki)) as client,
+    ):
+        release = BufferRelease(client.connection)
+        assert release.active
+        assert client.ask() == b"!"  # with it, the session tickets
+        before = heap_in_use()
+        release.release()
+        freed = before - heap_in_use()
+        for _ in range(2):  # later reads allocate a buffer again as they need, and work
+            assert client.ask() == b"!"
             release.release()
-            freed = before - heap_in_use()
-            for _ in range(2):  # later reads allocate a buffer again as they need, and work
-                assert client.ask() == b"!"
-                release.release()
-        finally:
-            client.close()
     # OpenSSL 3.0 keeps its ~17 KB record read buffer after the read that took the tickets.
     assert freed > 12_000, freed
 
@@ -66,16 +64,14 @@ def test_an_idle_connection_gives_its_read_buffer_back_and_keeps_working(pki: Pk
 @needs_native
 def test_unread_data_is_never_released(pki: Pki) -> None:
     """A read that took part of a record: the rest stays readable (SSL_free_buffers refuses)."""
-    with tls_server(pki, replies=(b"abc",)) as port:
-        client = MemoryBioClient(port, upstream_context(pki))
-        try:
-            client.handshake()
-            release = BufferRelease(client.connection)
-            assert client.ask(size=1) == b"a"
-            release.release()
-            assert client.connection.read(2) == b"bc"
-        finally:
-            client.close()
+    with (
+        tls_server(pki, replies=(b"abc",)) as port,
+        connected(port, upstream_context(pki)) as client,
+    ):
+        release = BufferRelease(client.connection)
+        assert client.ask(size=1) == b"a"
+        release.release()
+        assert client.connection.read(2) == b"bc"
 
 
 def test_a_connection_without_native_access_is_left_alone(pki: Pki) -> None:

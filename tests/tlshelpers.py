@@ -86,9 +86,6 @@ class MemoryBioClient:
                 self.incoming.write(data)
         raise AssertionError("no progress")
 
-    def handshake(self) -> None:
-        self.pump(self.connection.do_handshake)
-
     def ask(self, size: int = 1) -> bytes:
         """Send one byte; return the first ``size`` bytes of the answer."""
         self.connection.write(b"?")
@@ -102,21 +99,25 @@ class MemoryBioClient:
         with pytest.raises(ssl.SSLEOFError):
             self.connection.read(1)
 
-    def close(self) -> None:
-        self.sock.close()
+
+@contextlib.contextmanager
+def connected(port: int, context: ResumingClientContext) -> Iterator[MemoryBioClient]:
+    """A ``MemoryBioClient`` whose handshake is done; its socket is closed afterwards."""
+    client = MemoryBioClient(port, context)
+    try:
+        client.pump(client.connection.do_handshake)
+        yield client
+    finally:
+        client.sock.close()
 
 
 def exchange(port: int, context: ResumingClientContext, ragged_eof: bool = True) -> ssl.SSLObject:
     """One connection (handshake, a byte each way, with it the session tickets); unless
     ``ragged_eof`` is False, read on until the server closes."""
-    client = MemoryBioClient(port, context)
-    try:
-        client.handshake()
+    with connected(port, context) as client:
         assert client.ask() == b"!"
         if ragged_eof:
             client.read_to_ragged_eof()
-    finally:
-        client.close()
     return client.connection
 
 
