@@ -22,6 +22,7 @@ from typing import Any
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 
 from dicomfw import certs
@@ -315,6 +316,17 @@ def scu(ae_title: str = "CT01", contexts: tuple[str, ...] = (CT, VERIFICATION)) 
     for uid in contexts:
         ae.add_requested_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     return ae
+
+
+def tls_association(pki: Pki, port: int, ae: AE | None = None) -> Association:
+    """The modality's association (CT01 by default) to PACS on a TLS listener, with its
+    client certificate."""
+    return (ae or scu()).associate(
+        "127.0.0.1",
+        port,
+        ae_title="PACS",
+        tls_args=(client_context(pki, pki.modality), "localhost"),
+    )
 
 
 def echo_works(port: int, calling: str = "CT01", called: str = "PACS") -> bool:

@@ -18,7 +18,6 @@ from tests.harness import (
     WAIT,
     Pki,
     associate_rq,
-    client_context,
     ct_image,
     echo_works,
     read_until_closed,
@@ -26,6 +25,7 @@ from tests.harness import (
     running_firewall,
     running_scp,
     scu,
+    tls_association,
 )
 
 LIMITS = "{artim_seconds: 1, idle_seconds: 30, max_pdu_bytes: 65536}"
@@ -104,12 +104,7 @@ def test_garbage_instead_of_a_tls_client_hello_is_closed(tmp_path: Path, pki: Pk
         ) as firewall,
     ):
         port = firewall.port("front")
-        good = scu("CT01").associate(
-            "127.0.0.1",
-            port,
-            ae_title="PACS",
-            tls_args=(client_context(pki, pki.modality), "localhost"),
-        )
+        good = tls_association(pki, port)
         assert good.is_established
         answer, seconds = send_then_read(port, b"GET / HTTP/1.0\r\n\r\n" + b"\x00" * 200)
         refused = firewall.wait_for(lambda e: isinstance(e, Refused))
@@ -133,12 +128,7 @@ def test_a_silent_client_on_a_tls_listener_is_closed_at_the_handshake_timeout(
     ):
         answer, seconds = send_then_read(firewall.port("front"), b"")  # no ClientHello, ever
         refused = firewall.wait_for(lambda e: isinstance(e, Refused))
-        good = scu("CT01").associate(
-            "127.0.0.1",
-            firewall.port("front"),
-            ae_title="PACS",
-            tls_args=(client_context(pki, pki.modality), "localhost"),
-        )
+        good = tls_association(pki, firewall.port("front"))
         assert good.is_established and good.send_c_echo().Status == 0x0000  # others are served
         good.release()
     assert answer == b""

@@ -32,6 +32,7 @@ from tests.harness import (
     running_scp,
     scu,
     server_context,
+    tls_association,
 )
 
 A_ASSOCIATE_RJ = 0x03
@@ -92,12 +93,7 @@ def test_tls_listener_refuses_clients_without_a_valid_certificate(
             exchange(port, associate_rq("CT01", "PACS"), tls=context)
             raise ConnectionError("no answer")  # reached only if nothing raised above
         refused = firewall.wait_for(lambda e: isinstance(e, Refused))
-        good = scu("CT01", (VERIFICATION,)).associate(
-            "127.0.0.1",
-            port,
-            ae_title="PACS",
-            tls_args=(client_context(pki, pki.modality), "localhost"),
-        )
+        good = tls_association(pki, port, scu("CT01", (VERIFICATION,)))
         assert good.is_established and good.send_c_echo().Status == 0
         good.release()
     assert isinstance(refused, Refused) and refused.why == "tls_handshake_failed"
