@@ -138,8 +138,8 @@ def transcript(commands: Sequence[Command]) -> list[Command]:
 
 def counted(session: Session) -> dict[tuple[str, str], OperationCounts]:
     """What the session's requests came to since the last look (its tally, taken)."""
-    tally = session.take_tally()
-    return {} if tally is None else tally.counts
+    tallies = [event for event in session.take_report() if isinstance(event, RequestTally)]
+    return tallies[0].counts if tallies else {}
 
 
 def established(
@@ -335,7 +335,7 @@ def test_allowed_c_store_passes_and_its_response_completes_the_request() -> None
     response = p_data(command_pdv(STORE, c_store_rsp(1)))
     assert transcript(session.receive(UPSTREAM, response)) == [Send(REQUESTER, [response])]
     assert counted(session) == {("C-STORE", CT): OperationCounts(success=1)}
-    assert session.take_tally() is None  # taken: the next tally starts from zero
+    assert session.take_report() == []  # taken: the next tally starts from zero
 
 
 def test_c_find_on_a_storage_only_route_is_refused_and_the_next_echo_still_passes() -> None:
@@ -459,8 +459,9 @@ def test_round_trips_are_timed_on_the_clock_from_request_to_final_response() -> 
     clock.now += 0.5
     for message_id in (2, 1):
         session.receive(UPSTREAM, p_data(command_pdv(ECHO, c_echo_rsp(message_id))))
-    tally = session.take_tally()
-    assert tally is not None and tally.round_trips == [("C-ECHO", 0.5), ("C-ECHO", 0.75)]
+    [tally] = session.take_report()
+    assert isinstance(tally, RequestTally)
+    assert tally.round_trips == [("C-ECHO", 0.5), ("C-ECHO", 0.75)]
 
 
 def test_the_session_hands_its_tally_out_by_itself_once_it_holds_enough_round_trips() -> None:
@@ -474,8 +475,9 @@ def test_the_session_hands_its_tally_out_by_itself_once_it_holds_enough_round_tr
         handed += [c for c in session.receive(UPSTREAM, response) if isinstance(c, RequestTally)]
     assert len(handed) == 1 and len(handed[0].round_trips) == TALLY_ROUND_TRIPS
     assert handed[0].counts[("C-ECHO", VERIFICATION)].success == TALLY_ROUND_TRIPS
-    rest = session.take_tally()  # the one after starts afresh
-    assert rest is not None and rest.counts[("C-ECHO", VERIFICATION)].success == 1
+    [rest] = session.take_report()  # the one after starts afresh
+    assert isinstance(rest, RequestTally)
+    assert rest.counts[("C-ECHO", VERIFICATION)].success == 1
 
 
 def test_protocol_error_in_the_data_phase_aborts_both_sides_with_the_culprit_told_why() -> None:

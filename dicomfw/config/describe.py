@@ -199,6 +199,10 @@ def _limits(config: Config) -> list[str]:
             ("upstream connect timeout", f"{limits.connect_timeout_seconds:g} s"),
             ("TLS handshake timeout", f"{limits.tls_handshake_seconds:g} s"),
             ("drain on SIGTERM", f"{limits.drain_seconds:g} s"),
+            (
+                "refusals before cut-off",
+                str(limits.max_refusals_per_association or "no limit"),
+            ),
             *(_rate_rows(limits.rates.default) or [("rates and caps", "none")]),
         ],
         _INDENT,

@@ -965,6 +965,7 @@ _LIMITS: Final[Schema] = {
     "connect_timeout_seconds": (OPTIONAL, _seconds(600)),
     "tls_handshake_seconds": (OPTIONAL, _seconds(600)),
     "drain_seconds": (OPTIONAL, _seconds(3600)),
+    "max_refusals_per_association": (OPTIONAL, _int_in(0, 1_000_000)),
     **_RATE_LIMITS,
 }
 _METRICS: Final[Schema] = {"bind": (REQUIRED, _bind)}

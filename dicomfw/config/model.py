@@ -68,6 +68,8 @@ class Limits:
     ``rates`` are the association/request rates and concurrency caps, with the per-listener
     and per-peer overrides (``listeners[].limits``, ``peers[].limits``) folded in; all off unless
     configured. ``drain_seconds``: on SIGTERM, how long open associations may finish.
+    ``max_refusals_per_association``: refused requests after which the requester is cut off
+    with A-ABORT (0: never).
     """
 
     max_pdu_bytes: int = 1_048_576
@@ -76,6 +78,7 @@ class Limits:
     connect_timeout_seconds: float = 10.0
     tls_handshake_seconds: float = 15.0
     drain_seconds: float = 30.0
+    max_refusals_per_association: int = 100
     rates: LimitRules = field(default_factory=LimitRules)
 
 

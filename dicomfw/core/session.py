@@ -8,6 +8,22 @@ metrics. It never touches a socket or a clock, so every rule and every refusal i
 States: AWAIT_RQ → (policy) → AWAIT_UPSTREAM → AWAIT_AC → ESTABLISHED → CLOSED. The firewall
 answers on its own only with refusals (A-ASSOCIATE-RJ, a failure *-RSP) or an A-ABORT: it never
 acknowledges anything the upstream did not.
+
+The contract, which the property tests check on arbitrary input:
+
+* Any bytes, from either side, split into reads any way, end in commands and events, or in one
+  A-ABORT of both sides with ``AssociationEnded(why="<side>_protocol_error")`` naming the side
+  whose bytes broke the protocol. No other exception leaves the session.
+* Nothing follows the end: after ``AssociationEnded`` or ``AssociationRejected`` every input
+  answers with no command at all.
+* What a session holds is bounded by its configuration, not by what peers send: the PDU cap
+  (one PDU in reassembly per direction), ``MAX_COMMAND_BYTES`` for a command in reassembly,
+  ``_MAX_EARLY_BYTES`` before the association is up, ``_MAX_DEFERRED_BYTES`` while the requester
+  is not read, and ``MAX_QUEUED_REPLY_BYTES`` of the firewall's own answers waiting for the
+  upstream's message to end (beyond it the session asks the relay to stop reading the
+  requester: ``PauseReading``). Refused requests are reported one by one up to
+  ``REFUSALS_REPORTED_ONE_BY_ONE`` of a kind, then as counts; past ``max_refusals`` the
+  requester is cut off.
 """
 
 from __future__ import annotations
@@ -47,9 +63,17 @@ _PENDING_STATUSES: Final = frozenset((0xFF00, 0xFF01))
 _MAX_EARLY_BYTES: Final = 65_536
 #: Round trips a session keeps before it hands its ``RequestTally`` out by itself.
 TALLY_ROUND_TRIPS: Final = 256
-#: What a requester may send while one of its requests is delayed: the relay stops reading
-#: from it meanwhile, so this only bounds what one read can bring.
+#: What a requester may send while it is not read (a request is delayed, or its answers wait):
+#: the relay stops reading from it meanwhile, so this only bounds what one read can bring.
 _MAX_DEFERRED_BYTES: Final = 8 * 1_048_576
+#: The firewall's own answers (refusals) that may wait for the upstream's message toward the
+#: requester to end before the requester is no longer read: ~500 refusal responses.
+MAX_QUEUED_REPLY_BYTES: Final = 65_536
+#: Refused requests of one kind (``why``) an association reports one event each; beyond that
+#: they are counted and reported together every ``REFUSAL_REPORT_SECONDS`` and at the end, so a
+#: requester cannot fill the log and the audit disk at line rate.
+REFUSALS_REPORTED_ONE_BY_ONE: Final = 10
+REFUSAL_REPORT_SECONDS: Final = 10.0
 
 
 class Side(enum.Enum):
@@ -91,6 +115,19 @@ class Close:
 
 
 @dataclass(frozen=True, slots=True)
+class PauseReading:
+    """Read nothing more from ``side`` until ``ResumeReading``: what it sent meanwhile waits in
+    the session (bounded), and TCP's flow control holds the rest back at the peer."""
+
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeReading:
+    side: Side
+
+
+@dataclass(frozen=True, slots=True)
 class Wakeup:
     """A request is over its rate (``request_limit_action: delay``): forward nothing more to
     the upstream, and stop reading from the requester, until ``Session.wakeup`` after
@@ -127,12 +164,17 @@ class AssociationAccepted:
 
 @dataclass(frozen=True, slots=True)
 class RequestRefused:
-    service: str
+    """``count`` refused requests alike: one, or (past ``REFUSALS_REPORTED_ONE_BY_ONE`` of a
+    kind) those since the previous report, with ``message_id`` None and a SOP class only when
+    it is one the association negotiated."""
+
+    service: str  # "unknown" for a command field that is no DIMSE request
     sop_class: str
     status: int
     why: str
     detail: str
     message_id: int | None
+    count: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,11 +256,15 @@ Event = (
     | RequestTally
     | AssociationEnded
 )
-Command = Send | ConnectUpstream | Close | Wakeup | Event
+Command = Send | ConnectUpstream | Close | Wakeup | PauseReading | ResumeReading | Event
 
 
 def _zero() -> float:
     return 0.0
+
+
+class _CutOff(Exception):
+    """The requester's refused requests passed ``max_refusals``: abort the association."""
 
 
 # Compiled by mypyc (setup.py); a test subclasses it to inject an internal error.
@@ -235,11 +281,13 @@ class Session:
         max_pdu_length: int,
         gate: Gate | None = None,
         clock: Callable[[], float] | None = None,
+        max_refusals: int = 0,
     ) -> None:
         """``gate`` enforces the rate limits and caps; the session asks it at the
         A-ASSOCIATE-RQ and at each request. ``clock`` (monotonic seconds, precise enough to
         time a C-ECHO) is what the gate and the request round trips are measured with; a gate
-        needs it, round trips are left out without it."""
+        needs it, round trips are left out without it. ``max_refusals``: refused requests an
+        association may collect before it is aborted (0: no limit)."""
         if gate is not None and clock is None:
             raise LocalProtocolError("a Session with a rate-limit gate needs a clock")
         self.policy = policy
@@ -255,6 +303,7 @@ class Session:
         self._early = bytearray()  # requester bytes that arrived before the association was up
         self._rq: acse.AssociateRQ | None = None
         self._upstream_rq = b""
+        self._narrowed: dict[int, tuple[str, ...]] = {}  # transfer syntaxes proposed upstream
         self._refused_contexts: dict[int, int] = {}
         self._refused_why: dict[int, str] = {}
         self._abstract_syntax: dict[int, str] = {}
@@ -270,20 +319,30 @@ class Session:
         self._timed = clock is not None  # round trips are measured
         self._delay = 0.0  # the longest wait a request asked for while a stream was fed
         self._held: list[Buffer] | None = None  # for the upstream, until ``wakeup``
-        self._deferred = bytearray()  # from the requester while ``_held``
+        self._backlog = False  # too many of our answers wait: the requester is not read
+        self._told_reading = True  # what the relay was last told about reading the requester
+        self._deferred = bytearray()  # from the requester while it is not read
+        self._max_refusals = max_refusals
+        self._refusals = 0
+        self._refusals_by_why: dict[str, int] = {}
+        #: refusals not reported one by one: (why, service, SOP class, status) -> how many
+        self._unreported: dict[tuple[str, str, str, int], int] = {}
+        self._reported_at = self._clock()
 
     # ---- inputs --------------------------------------------------------------------------------
 
     def receive(self, side: Side, data: bytes) -> list[Command]:
         """Bytes arrived from ``side``."""
+        if self.state is State.ESTABLISHED:
+            if side is Side.REQUESTER and not self._reading_requester():
+                self._deferred += data
+                if len(self._deferred) > _MAX_DEFERRED_BYTES:
+                    return self._fail(
+                        side, RemoteProtocolError("too much data while the requester is paused")
+                    )
+                return []
+            return self._feed(side, data)
         try:
-            if self.state is State.ESTABLISHED:
-                if self._held is not None and side is Side.REQUESTER:
-                    self._deferred += data
-                    if len(self._deferred) > _MAX_DEFERRED_BYTES:
-                        raise RemoteProtocolError("too much data while a request is delayed")
-                    return []
-                return self._data_phase(side, data)
             if self.state is State.AWAIT_RQ and side is Side.REQUESTER:
                 return self._await_rq(data)
             if self.state is State.AWAIT_AC and side is Side.UPSTREAM:
@@ -295,18 +354,38 @@ class Session:
                 return []
             return []  # CLOSED: late bytes are dropped
         except RemoteProtocolError as error:
-            return self._abort(side, error.abort_reason, f"{side.value}_protocol_error", str(error))
+            return self._fail(side, error)
 
-    def take_tally(self) -> RequestTally | None:
-        """The requests counted since the last call (None if there were none)."""
-        if not self._tally:
-            return None
-        tally, self._tally = self._tally, RequestTally()
-        return tally
+    def take_report(self, final: bool = False) -> list[Event]:
+        """What to report since the last call: the requests counted (a ``RequestTally``), and
+        the refusals counted instead of reported one by one, once ``REFUSAL_REPORT_SECONDS``
+        have passed since their previous report or when ``final`` (the association ends)."""
+        report: list[Event] = []
+        if self._tally:
+            report.append(self._tally)
+            self._tally = RequestTally()
+        if self._unreported and (
+            final or self._clock() - self._reported_at >= REFUSAL_REPORT_SECONDS
+        ):
+            for (why, service, sop_class, status), count in self._unreported.items():
+                report.append(
+                    RequestRefused(
+                        service,
+                        sop_class,
+                        status,
+                        why,
+                        f"{count} more requests refused for the same reason",
+                        None,
+                        count,
+                    )
+                )
+            self._unreported = {}
+            self._reported_at = self._clock()
+        return report
 
     @property
     def holding(self) -> bool:
-        """A delayed request waits for ``wakeup``: the requester must not be read meanwhile."""
+        """A delayed request waits for ``wakeup`` (waiting for it is not idleness)."""
         return self._held is not None
 
     def wakeup(self) -> list[Command]:
@@ -315,11 +394,7 @@ class Session:
         held, self._held = self._held, None
         if held is None or self.state is not State.ESTABLISHED:
             return []
-        commands: list[Command] = [Send(Side.UPSTREAM, held)]
-        if self._deferred:
-            deferred, self._deferred = bytes(self._deferred), bytearray()
-            commands += self.receive(Side.REQUESTER, deferred)
-        return commands
+        return [Send(Side.UPSTREAM, held), *self._flow()]
 
     def upstream_connected(self) -> list[Command]:
         if self.state is not State.AWAIT_UPSTREAM:
@@ -413,6 +488,7 @@ class Session:
             )
             if verdict.result == PC_ACCEPTANCE:
                 kept.append(acse.narrow(context, verdict.transfer_syntaxes))
+                self._narrowed[context.context_id] = verdict.transfer_syntaxes
             else:
                 self._refused_contexts[context.context_id] = verdict.result
                 self._refused_why[context.context_id] = verdict.why
@@ -481,6 +557,16 @@ class Session:
                 f"{sorted(answered - offered)}",
                 pdu.ABORT_INVALID_PARAMETER,
             )
+        for context in ac.contexts:
+            if (
+                context.result == PC_ACCEPTANCE
+                and context.transfer_syntax not in self._narrowed[context.context_id]
+            ):
+                raise RemoteProtocolError(
+                    f"upstream accepted presentation context {context.context_id} with transfer "
+                    f"syntax {context.transfer_syntax!r}, which it was not offered",
+                    pdu.ABORT_INVALID_PARAMETER,
+                )
         accepted = frozenset(c.context_id for c in ac.contexts if c.result == PC_ACCEPTANCE)
         self._to_upstream = DataStream(accepted, self._max_pdu, self._decide_request)
         self._to_requester = DataStream(accepted, self._max_pdu, self._observe_upstream)
@@ -505,14 +591,15 @@ class Session:
         # request with 128 contexts is ~55 KB of objects, per open association.
         self._rq = None
         self._upstream_rq = b""
-        self._refused_contexts, self._refused_why = {}, {}
+        self._refused_contexts, self._refused_why, self._narrowed = {}, {}, {}
         self._abstract_syntax = {cid: self._abstract_syntax[cid] for cid in accepted}
+        # Each side's bytes that came early are its own: an error in them is that side's.
         rest = self._rest_after(pdus)
         if rest:
-            commands += self._data_phase(Side.UPSTREAM, rest)
-        if self._early:
+            commands += self._feed(Side.UPSTREAM, rest)
+        if self._early and self.state is State.ESTABLISHED:
             early, self._early = bytes(self._early), bytearray()
-            commands += self._data_phase(Side.REQUESTER, early)
+            commands += self._feed(Side.REQUESTER, early)
         return commands
 
     def _rest_after(self, pdus: list[tuple[int, bytes]]) -> bytes:
@@ -537,9 +624,30 @@ class Session:
 
     # ---- data phase ----------------------------------------------------------------------------
 
+    def _feed(self, side: Side, data: bytes) -> list[Command]:
+        """The data phase for ``side``'s bytes; whatever goes wrong in them is ``side``'s."""
+        try:
+            return self._data_phase(side, data)
+        except RemoteProtocolError as error:
+            return self._fail(side, error)
+        except _CutOff as cut:
+            events, self._events = self._events, []
+            return [
+                *events,
+                *self._abort(
+                    Side.REQUESTER, pdu.ABORT_REASON_NOT_SPECIFIED, "too_many_refusals", str(cut)
+                ),
+            ]
+
+    def _fail(self, side: Side, error: RemoteProtocolError) -> list[Command]:
+        """``side`` broke the protocol: A-ABORT both sides, after the events already raised."""
+        events, self._events = self._events, []
+        why = f"{side.value}_protocol_error"
+        return [*events, *self._abort(side, error.abort_reason, why, str(error))]
+
     def _data_phase(self, side: Side, data: bytes) -> list[Command]:
         stream = self._to_upstream if side is Side.REQUESTER else self._to_requester
-        assert stream is not None
+        assert stream is not None and self._to_requester is not None
         self._events = []
         forwarded = stream.feed(data)
         delay, self._delay = self._delay, 0.0
@@ -554,9 +662,37 @@ class Session:
             commands.append(Send(Side.REQUESTER, self._replies))
             self._replies = []
         commands += self._events
+        self._events = []
         if stream.control_pdus:
             commands += self._control(side, stream.control_pdus)
             stream.control_pdus.clear()
+        if self.state is not State.ESTABLISHED:
+            return commands
+        # Our answers wait for the upstream's message toward the requester to end: past a
+        # bound, stop reading the requester until every one of them has gone out.
+        queued = self._to_requester.queued_bytes
+        if side is Side.REQUESTER:
+            self._backlog = queued > MAX_QUEUED_REPLY_BYTES
+        elif not queued:
+            self._backlog = False
+        return commands + self._flow()
+
+    def _reading_requester(self) -> bool:
+        return self._held is None and not self._backlog
+
+    def _flow(self) -> list[Command]:
+        """Once the requester may be read again, what it sent meanwhile comes first; then the
+        relay is told whether to read it, when that changed since it was last told."""
+        commands: list[Command] = []
+        if self._deferred and self._reading_requester():
+            deferred, self._deferred = bytes(self._deferred), bytearray()
+            commands += self._feed(Side.REQUESTER, deferred)
+        reading = self._reading_requester()
+        if self.state is State.ESTABLISHED and reading is not self._told_reading:
+            self._told_reading = reading
+            commands.append(
+                ResumeReading(Side.REQUESTER) if reading else PauseReading(Side.REQUESTER)
+            )
         return commands
 
     def _control(self, side: Side, pdu_types: list[int]) -> list[Command]:
@@ -602,6 +738,9 @@ class Session:
                 self._outstanding[command.message_id] = (service, sop_class, self._clock())
                 self._tally.of(service, sop_class).forwarded += 1
             return True
+        self._refusals += 1
+        if self._max_refusals and self._refusals > self._max_refusals:
+            raise _CutOff(f"more than {self._max_refusals} requests refused on one association")
         assert self._to_requester is not None
         # The Error Comment tells the modality's operator it was the firewall, without
         # revealing rule names to whoever is on the other end.
@@ -609,17 +748,28 @@ class Session:
         self._replies += self._to_requester.inject(
             pdu.p_data_tf([pdu.pdv(context_id, 0x03, response)])
         )
-        self._events.append(
-            RequestRefused(
-                service or f"0x{command.command_field:04x}",
-                sop_class,
-                decision.status,
-                decision.why,
-                decision.detail,
-                command.message_id,
-            )
-        )
+        self._refused(service or "unknown", sop_class, decision, command.message_id)
         return False
+
+    def _refused(
+        self, service: str, sop_class: str, decision: Refuse, message_id: int | None
+    ) -> None:
+        """Report a refusal, or past ``REFUSALS_REPORTED_ONE_BY_ONE`` of its kind count it for
+        ``take_report``, keyed by what the rules and the negotiation bound (a SOP class the
+        association did not negotiate counts as "")."""
+        seen = self._refusals_by_why.get(decision.why, 0) + 1
+        self._refusals_by_why[decision.why] = seen
+        if seen <= REFUSALS_REPORTED_ONE_BY_ONE:
+            self._events.append(
+                RequestRefused(
+                    service, sop_class, decision.status, decision.why, decision.detail, message_id
+                )
+            )
+            return
+        if sop_class not in self._abstract_syntax.values():
+            sop_class = ""
+        key = (decision.why, service, sop_class, decision.status)
+        self._unreported[key] = self._unreported.get(key, 0) + 1
 
     def _observe_upstream(self, context_id: int, command: DimseCommand) -> bool:
         """A command from the upstream always passes; final responses complete a request."""
@@ -658,6 +808,7 @@ class Session:
         """A-ABORT every side that is connected; ``culprit`` (if any) gets the PS3.8 reason."""
         previous = self.state
         self.state = State.CLOSED
+        self._replies, self._held, self._deferred = [], None, bytearray()
         commands: list[Command] = []
         for side in (Side.REQUESTER, Side.UPSTREAM):
             if side is Side.UPSTREAM and previous is State.AWAIT_UPSTREAM:

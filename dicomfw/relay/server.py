@@ -31,6 +31,8 @@ from dicomfw.core.session import (
     Command,
     ConnectUpstream,
     Event,
+    PauseReading,
+    ResumeReading,
     Send,
     Session,
     Side,
@@ -207,10 +209,10 @@ class _UpstreamProtocol(asyncio.Protocol):
         self._association.side_lost(Side.UPSTREAM)
 
     def pause_writing(self) -> None:
-        self._association.pause_reading(Side.REQUESTER)
+        self._association.writes_full(Side.UPSTREAM, True)
 
     def resume_writing(self) -> None:
-        self._association.resume_reading(Side.REQUESTER)
+        self._association.writes_full(Side.UPSTREAM, False)
 
 
 class Association(asyncio.Protocol):
@@ -235,7 +237,8 @@ class Association(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._gate = gate  # this connection's lease on the relay's rate limits and caps
         self._wakeup: asyncio.TimerHandle | None = None  # a delayed request's timer
-        self._backpressure: set[Side] = set()  # sides not read until the other side drains
+        self._full: set[Side] = set()  # sides whose write buffer is over its high-water mark
+        self._session_pauses_requester = False  # ``PauseReading`` until ``ResumeReading``
         # Sides that speak TLS: what is written to them goes in pieces of TLS_WRITE_BYTES.
         self._requester_tls = False
         self._upstream_tls = False
@@ -259,6 +262,7 @@ class Association(asyncio.Protocol):
             config.limits.max_pdu_bytes,
             self._gate,
             time.monotonic,  # the loop's clock ticks in milliseconds: too coarse for round trips
+            config.limits.max_refusals_per_association,
         )
         self._last_activity = self._loop.time()
         self._timer = self._loop.call_later(config.limits.artim_seconds, self._on_timer)
@@ -274,10 +278,10 @@ class Association(asyncio.Protocol):
         self.side_lost(Side.REQUESTER)
 
     def pause_writing(self) -> None:
-        self.pause_reading(Side.UPSTREAM)
+        self.writes_full(Side.REQUESTER, True)
 
     def resume_writing(self) -> None:
-        self.resume_reading(Side.UPSTREAM)
+        self.writes_full(Side.REQUESTER, False)
 
     # ---- upstream side -------------------------------------------------------------------------
 
@@ -291,9 +295,8 @@ class Association(asyncio.Protocol):
         self._last_activity = self._loop.time()
         try:
             commands = session.receive(side, data)
-        except Exception as error:  # a bug must cost this association only, and loudly
-            log.exception("event=internal_error side=%s", side.value)
-            commands = session.abort("internal_error", repr(error))
+        except Exception as error:
+            commands = _internal_error(session, error)
         self._execute(commands)
 
     async def _connect(self, name: str) -> None:
@@ -316,7 +319,8 @@ class Association(asyncio.Protocol):
                     ssl_handshake_timeout=config.limits.tls_handshake_seconds if context else None,
                 )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
-            self._execute(self._session.upstream_failed(f"{name}: {_describe(error)}"))
+            detail = f"{name}: {_describe(error)}"
+            self._step(lambda session: session.upstream_failed(detail))
             return
         if self._session.state is State.CLOSED:
             transport.close()
@@ -326,7 +330,7 @@ class Association(asyncio.Protocol):
         if context is not None and ssl_object is not None:
             self.info.tls_resumed_upstream = ssl_object.session_reused
             self._upstream_tls = True
-        self._execute(self._session.upstream_connected())
+        self._step(Session.upstream_connected)
 
     # ---- shared plumbing -----------------------------------------------------------------------
 
@@ -336,8 +340,7 @@ class Association(asyncio.Protocol):
             return
         if side is Side.UPSTREAM:
             self._remember_upstream_session(transport)
-        if self._session is not None:
-            self._execute(self._session.connection_lost(side))
+        self._step(lambda session: session.connection_lost(side))
         if not self._transports:
             self._finish()
 
@@ -357,34 +360,53 @@ class Association(asyncio.Protocol):
         """Bytes waiting in our write buffers, both sides: what backpressure keeps bounded."""
         return sum(t.get_write_buffer_size() for t in self._transports.values())
 
-    def pause_reading(self, side: Side) -> None:
-        """Backpressure: the other side's write buffer is full."""
-        self._backpressure.add(side)
-        self._update_reading(side)
-
-    def resume_reading(self, side: Side) -> None:
-        self._backpressure.discard(side)
-        self._update_reading(side)
+    def writes_full(self, side: Side, full: bool) -> None:
+        """Backpressure: ``side``'s write buffer passed its high-water mark (or drained below
+        the low one). What the other side sends would pile up there, so it is not read
+        meanwhile; nor is the requester when its own buffer is full, since the firewall's
+        refusals of its requests would pile up there too (a requester that sends and never
+        reads is held back by TCP, as a PACS that stops reading would hold it)."""
+        if full:
+            self._full.add(side)
+        else:
+            self._full.discard(side)
+        self._update_reading(Side.REQUESTER)
+        self._update_reading(Side.UPSTREAM)
 
     def _update_reading(self, side: Side) -> None:
-        """Read ``side`` unless backpressure or (the requester) a delayed request stops it."""
+        """Read ``side`` unless backpressure or (the requester) the session says not to."""
         transport = self._transports.get(side)
         if transport is None:
             return
-        held = side is Side.REQUESTER and self._session is not None and self._session.holding
-        if side in self._backpressure or held:
+        paused = side.other in self._full or (
+            side is Side.REQUESTER
+            and (Side.REQUESTER in self._full or self._session_pauses_requester)
+        )
+        if paused:
             if transport.is_reading():
                 transport.pause_reading()
         elif not transport.is_reading():
             transport.resume_reading()
 
     def _wake(self) -> None:
-        """A delayed request's time has come: forward it and read the requester again."""
+        """A delayed request's time has come: forward it (the session resumes reading)."""
         self._wakeup = None
-        assert self._session is not None
         self._last_activity = self._loop.time()
-        self._execute(self._session.wakeup())
-        self._update_reading(Side.REQUESTER)
+        self._step(Session.wakeup)
+
+    def _step(self, step: Callable[[Session], list[Command]]) -> None:
+        """Give the session one input (other than bytes, see ``_receive``) and carry out what
+        it answers. An exception from the core is a bug: it costs this association only,
+        loudly (A-ABORT both sides), and never escapes into the event loop, where it would
+        leave the association hanging with its requester paused and its slot taken."""
+        session = self._session
+        if session is None:
+            return
+        try:
+            commands = step(session)
+        except Exception as error:
+            commands = _internal_error(session, error)
+        self._execute(commands)
 
     def _execute(self, commands: Iterable[Command]) -> None:
         for command in commands:
@@ -411,20 +433,22 @@ class Association(asyncio.Protocol):
                 self._spawn(self._connect(command.upstream))
             elif kind is Wakeup:
                 assert isinstance(command, Wakeup)
-                self._update_reading(Side.REQUESTER)
                 self._wakeup = self._loop.call_later(command.delay, self._wake)
+            elif kind is PauseReading or kind is ResumeReading:
+                self._session_pauses_requester = kind is PauseReading
+                self._update_reading(Side.REQUESTER)
             else:
                 if self.info.calling_ae is None:  # learnt from the A-ASSOCIATE-RQ, once
                     self._identify()
                 if kind is AssociationEnded:
-                    self.report_tally()  # what the requests came to, before the end
+                    self.report(final=True)  # what the requests came to, before the end
                 self._relay.notify(self.info, command)  # type: ignore[arg-type]
 
-    def report_tally(self) -> None:
-        """Hand the requests counted since the last report to the observers."""
-        tally = self._session.take_tally() if self._session is not None else None
-        if tally is not None:
-            self._relay.notify(self.info, tally)
+    def report(self, final: bool = False) -> None:
+        """Hand what the session counted since its last report to the observers."""
+        if self._session is not None:
+            for event in self._session.take_report(final):
+                self._relay.notify(self.info, event)
 
     def _identify(self) -> None:
         """Copy who is talking into the info observers read (set once the RQ was decoded)."""
@@ -440,13 +464,13 @@ class Association(asyncio.Protocol):
             return
         limits = self._runtime.config.limits
         if session.state is State.AWAIT_RQ:
-            self._execute(session.timed_out("artim"))
+            self._step(lambda session: session.timed_out("artim"))
             return
         quiet = self._loop.time() - self._last_activity
         if session.holding:  # waiting for a delayed request is not idleness
             quiet = 0.0
         if quiet >= limits.idle_seconds:
-            self._execute(session.timed_out("idle"))
+            self._step(lambda session: session.timed_out("idle"))
         else:
             self._timer = self._loop.call_later(limits.idle_seconds - quiet, self._on_timer)
 
@@ -465,10 +489,16 @@ class Association(asyncio.Protocol):
 
     def abort(self) -> None:
         """Used by shutdown: A-ABORT both sides now."""
-        if self._session is not None:
-            self._execute(self._session.abort("shutdown", "the daemon is stopping"))
+        self._step(lambda session: session.abort("shutdown", "the daemon is stopping"))
         for transport in list(self._transports.values()):
             transport.close()
+
+
+def _internal_error(session: Session, error: Exception) -> list[Command]:
+    """A bug in the core must cost its association only, and loudly: log it with its stack,
+    A-ABORT both sides."""
+    log.exception("event=internal_error")
+    return session.abort("internal_error", repr(error))
 
 
 async def _read_proxy_header(connection: socket.socket) -> ProxyHeader:
@@ -597,7 +627,7 @@ class Relay:
         while True:
             await asyncio.sleep(_TALLY_SECONDS)
             for association in list(self.associations):
-                association.report_tally()
+                association.report()
 
     async def _accept(self, listener: Listener, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
