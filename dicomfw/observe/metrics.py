@@ -10,7 +10,7 @@ The observer never blocks and is never called per PDU or per request: bytes are 
 per association at its end, and requests (counts by status class, round trips timed by the
 session) arrive in a ``RequestTally`` about once a second per association.
 
-Several worker processes (``dicomfw.supervisor`` does all of this): start every process with
+Several worker processes (``dicomfw.service.supervisor`` does all of this): start every process with
 ``PROMETHEUS_MULTIPROC_DIR`` set to the same empty directory (prometheus-client then keeps each
 value in a per-process mmap file), let one process serve ``/metrics`` (``MetricsServer`` then
 aggregates all files with ``MultiProcessCollector``), and call
