@@ -1,4 +1,4 @@
-"""The audit trail: who connected, what they did, what was refused and why (DESIGN §6).
+"""The audit trail: who connected, what they did, what was refused and why.
 
 One JSON object per line: one per association when it ends (who: AE titles, source address,
 certificate; what: services and SOP classes with counts, instances stored, bytes both ways;

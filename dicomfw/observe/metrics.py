@@ -1,4 +1,4 @@
-"""Prometheus metrics, fed by the same relay events as the log and the audit trail (DESIGN §6).
+"""Prometheus metrics, fed by the same relay events as the log and the audit trail.
 
 Names follow the Prometheus conventions: ``dicomfw_`` prefix, base units (``_seconds``,
 ``_bytes``), ``_total`` on counters. Every label value comes from the rules file (listener,
