@@ -52,8 +52,8 @@ from dicomfw.core.session import (
     AssociationEnded,
     RequestTally,
 )
-from dicomfw.eventlog import log_observer
-from dicomfw.observability import Observability
+from dicomfw.observe.eventlog import log_observer
+from dicomfw.observe.observability import Observability
 from dicomfw.relay.server import AssociationInfo, Observer, Relay, build_runtime
 
 log = logging.getLogger("bench")

@@ -484,7 +484,7 @@ def render(results: Results) -> str:
     goals = report.evaluate_goals(rows, results.runs)
     s = results.settings
     parts = [
-        "## Goals (issue 3, Performance)\n\n" + report.goals_table(goals),
+        "## Performance goals\n\n" + report.goals_table(goals),
         "## Throughput and association set-up\n\n"
         + report.throughput_table(rows, ["a", "b", "c", "c-lean", "c-lean-echo"]),
         "## CPU of each process\n\n" + report.cpu_table(rows, ["a", "b"]),

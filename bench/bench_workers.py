@@ -1,7 +1,7 @@
 """One worker process or two? 20 associations at once through `dicomfw run`, `workers: 1` vs 2.
 
-Issue 6 asks to measure whether more than one worker pays off for TLS before choosing the
-default. Workloads, each with 20 clients started at once against one daemon:
+Measures whether more than one worker pays off for TLS, to choose the default for
+``workers``. Workloads, each with 20 clients started at once against one daemon:
 
   store      20 storescu processes, each 50 CT instances of 0.5 MB on one association
              (plain in, mutual TLS out to DCMTK's storescp +tls): aggregate MB/s

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicomfw import certs
+from dicomfw.pki import certs
 
 LOCALHOST = "127.0.0.1"
 CALLING_AE = "CT01"

@@ -334,7 +334,7 @@ def memory_table(rows: Sequence[Row]) -> str:
 
 
 def goals_table(goals: Sequence[Goal]) -> str:
-    return _table(["goal (issue 3)", "target", "measured", "verdict"], [g.cells() for g in goals])
+    return _table(["goal", "target", "measured", "verdict"], [g.cells() for g in goals])
 
 
 def machine_table(machine: dict[str, str]) -> str:

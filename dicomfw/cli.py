@@ -9,9 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dicomfw import __version__, cli_certs, logsetup
+from dicomfw import __version__, logsetup
 from dicomfw.config.describe import describe
 from dicomfw.errors import ConfigErrors
+from dicomfw.pki import cli as pki_cli
 
 
 def _config_errors(errors: ConfigErrors) -> int:
@@ -22,7 +23,7 @@ def _config_errors(errors: ConfigErrors) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from dicomfw import supervisor
+    from dicomfw.service import supervisor
 
     logsetup.setup(args.log_level, with_time=not args.journald)
     if args.pid_file is not None:
@@ -40,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from dicomfw.daemon import load_runtime
+    from dicomfw.service.daemon import load_runtime
 
     try:
         runtime = load_runtime(args.config)
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--log-level", default="info", choices=["debug", "info", "warning"])
     demo.set_defaults(func=cmd_demo)
 
-    cli_certs.register(commands)
+    pki_cli.register(commands)
     return parser
 
 

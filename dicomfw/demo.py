@@ -18,10 +18,11 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-from dicomfw import certs, daemon
 from dicomfw.core import uids
 from dicomfw.core.policy import VERIFICATION_SOP_CLASS
 from dicomfw.logsetup import log_event
+from dicomfw.pki import certs
+from dicomfw.service import daemon
 
 log = logging.getLogger("dicomfw.demo")
 

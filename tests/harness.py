@@ -25,12 +25,12 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode
 
-from dicomfw import certs
 from dicomfw.core.session import Event
 from dicomfw.core.uids import resolve
-from dicomfw.daemon import load_runtime
-from dicomfw.eventlog import log_observer
+from dicomfw.observe.eventlog import log_observer
+from dicomfw.pki import certs
 from dicomfw.relay.server import AssociationInfo, Refused, Relay
+from dicomfw.service.daemon import load_runtime
 
 CT = resolve("CTImageStorage", "SOP Class")
 MR = resolve("MRImageStorage", "SOP Class")

@@ -15,7 +15,7 @@ import pydicom
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicomfw.config.load import load_config
-from dicomfw.observability import Observability
+from dicomfw.observe.observability import Observability
 from tests.harness import (
     CT,
     FIND,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.etree import ElementTree
 
-from dicomfw.atna import Messages
+from dicomfw.observe.atna import Messages
 from tests.harness import WAIT, Pki, associate_rq, exchange, free_port, running_process, running_scp
 from tests.obs_harness import drive_mix, mixed_rules, observed_firewall, wait_until
 

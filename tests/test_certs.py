@@ -19,8 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from dicomfw import certs
-from dicomfw.cli_certs import check_paths, register
+from dicomfw.pki import certs
+from dicomfw.pki.cli import check_paths, register
 
 TIMEOUT = 3.0
 

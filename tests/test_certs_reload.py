@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from dicomfw import certs
 from dicomfw.core.session import AssociationAccepted
-from dicomfw.daemon import reload
+from dicomfw.pki import certs
 from dicomfw.relay.server import Refused
+from dicomfw.service.daemon import reload
 from tests.harness import (
     WAIT,
     Firewall,

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from dicomfw import __version__
 from tests.harness import (
     WAIT,
     Pki,
@@ -28,6 +33,29 @@ def dicomfw(*args: str | Path) -> subprocess.CompletedProcess[str]:
     assert DICOMFW is not None, "the dicomfw console script is not installed"
     return subprocess.run(
         [DICOMFW, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+@pytest.mark.parametrize(
+    "args", [("--help",), ("--version",), ("certs", "issue", "--help"), ("run", "--help")]
+)
+def test_python_m_dicomfw_is_the_console_script(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """``python -m dicomfw`` (dicomfw/__main__.py) prints what the ``dicomfw`` script prints, run
+    from elsewhere than the checkout, so it is the installed package that answers."""
+    assert DICOMFW is not None, "the dicomfw console script is not installed"
+    env = {**os.environ, "COLUMNS": "100"}  # argparse wraps help to the terminal's width
+    script, module = (
+        subprocess.run(
+            [*launcher, *args], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+        )
+        for launcher in ([DICOMFW], [sys.executable, "-m", "dicomfw"])
+    )
+    assert script.returncode == 0, script.stderr
+    assert script.stdout.startswith(f"dicomfw {__version__}" if "--version" in args else "usage:")
+    assert (module.returncode, module.stdout, module.stderr) == (
+        script.returncode,
+        script.stdout,
+        script.stderr,
     )
 
 

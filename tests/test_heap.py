@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomfw.heap import HeapTrimmer
+from dicomfw.service.heap import HeapTrimmer
 from tests.harness import (
     WAIT,
     Pki,
@@ -116,7 +116,7 @@ def test_the_daemon_trims_after_a_burst_of_associations(tmp_path: Path, pki: Pki
 
 MAPPING_PROBE = """
 import ctypes, json, sys
-from dicomfw.heap import MMAP_THRESHOLD_BYTES, map_large_blocks
+from dicomfw.service.heap import MMAP_THRESHOLD_BYTES, map_large_blocks
 from dicomfw.relay.server import READ_BYTES
 from tests.mallinfo import LIBC, mallinfo2
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from dicomfw import certs
+from dicomfw.pki import certs
 from tests.harness import (
     CT,
     VERIFICATION,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from cryptography import x509
 
-from dicomfw import certs
+from dicomfw.pki import certs
 from tests.harness import WAIT, Pki, free_port, running_process
 from tests.obs_harness import scrape, series, value, wait_until
 
@@ -104,7 +104,7 @@ def test_multiprocess_mode_serves_the_sum_over_every_worker_process(
     shared.mkdir()
     environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(shared)}
     worker = (
-        "from dicomfw.metrics import Metrics\n"
+        "from dicomfw.observe.metrics import Metrics\n"
         "metrics = Metrics()\n"
         "metrics.associations.labels('secure', 'none', 'unknown', 'refused').inc(5)\n"
         "metrics.active.labels('secure').inc(2)\n"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicomfw import certs
 from dicomfw.core.session import AssociationEnded, AssociationRejected, RequestRefused
+from dicomfw.pki import certs
 from dicomfw.relay.server import Refused
 from tests.harness import (
     CT,

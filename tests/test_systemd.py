@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from dicomfw.sdnotify import Notifier
+from dicomfw.service.sdnotify import Notifier
 from tests.harness import (
     WAIT,
     Pki,

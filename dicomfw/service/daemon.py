@@ -5,8 +5,8 @@ and then swaps one reference: new associations get the new rules and TLS context
 finish on what they started with, and a failed reload changes nothing.
 
 The same loop runs the whole service (``workers: 1``) or one worker process of the supervisor
-(``dicomfw.supervisor``), which hands it the validated rules and the listening sockets it bound
-for every worker, and takes the reports that would otherwise go to systemd.
+(``dicomfw.service.supervisor``), which hands it the validated rules and the listening sockets
+it bound for every worker, and takes the reports that would otherwise go to systemd.
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from typing import Protocol
 
 from dicomfw.config.load import load_config
 from dicomfw.errors import ConfigError, ConfigErrors
-from dicomfw.eventlog import log_observer
-from dicomfw.heap import HeapTrimmer, map_large_blocks
 from dicomfw.logsetup import log_event
-from dicomfw.observability import Observability
+from dicomfw.observe.eventlog import log_observer
+from dicomfw.observe.observability import Observability
 from dicomfw.relay.server import Relay, Runtime, build_runtime
-from dicomfw.sdnotify import Notifier
+from dicomfw.service.heap import HeapTrimmer, map_large_blocks
+from dicomfw.service.sdnotify import Notifier
 
 log = logging.getLogger("dicomfw.daemon")
 

@@ -1,4 +1,4 @@
-"""``dicomfw certs …``: argparse wiring for the certificate life cycle in :mod:`dicomfw.certs`.
+"""``dicomfw certs …``: argparse wiring for the certificate life cycle in :mod:`dicomfw.pki.certs`.
 
 Exit status: 0 done / all good, 1 ``check`` found certificates to act on, 2 an error, printed
 to stderr as ``dicomfw certs: <file>: <problem>``.
@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from dicomfw import certs
-from dicomfw.certs import CertError, CertInfo
 from dicomfw.config.load import load_config
 from dicomfw.errors import ConfigErrors
+from dicomfw.pki import certs
+from dicomfw.pki.certs import CertError, CertInfo
 
 Handler = Callable[[argparse.Namespace], int]
 

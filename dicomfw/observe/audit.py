@@ -1,11 +1,11 @@
-"""The audit trail: who connected, what they did, what was refused and why (DESIGN §6).
+"""The audit trail: who connected, what they did, what was refused and why.
 
 One JSON object per line: one per association when it ends (who: AE titles, source address,
 certificate; what: services and SOP classes with counts, instances stored, bytes both ways;
 outcome, reason and timing), one per refused connection, rejected association, refused request
-and failed request, and one when the daemon starts and stops. The same records feed the IHE
-ATNA sink (``dicomfw.atna``). Unlike metrics, the audit keeps AE titles and addresses exactly as
-received: that is what an investigation needs.
+and failed request, and one when the daemon starts and stops. The same records feed the IHE ATNA
+sink (``dicomfw.observe.atna``). Unlike metrics, the audit keeps AE titles and addresses exactly
+as received: that is what an investigation needs.
 
 It must never slow the relay. While an association runs the observer only counts into a small
 per-association dict; a record is built once per association (or refusal), and serialising and

@@ -1,11 +1,11 @@
 """IHE ATNA: the audit trail as DICOM audit messages (PS3.15 Annex A.5) over syslog.
 
 Each message is the XML of PS3.15 §A.5.1 in an RFC 5424 syslog message (facility 10
-security/authorization, severity 5 notice, MSGID ``DICOM+RFC3881``, UTF-8 with a BOM per
-§6.4), sent over TLS with octet-counting framing (RFC 5425 §4.3) or as one UDP datagram each
-(RFC 5426). The records come from ``dicomfw.audit`` and this sink sits behind the same kind of
-bounded queue, on its own thread: a slow or absent collector costs audit messages, never relay
-time.
+security/authorization, severity 5 notice, MSGID ``DICOM+RFC3881``, UTF-8 with a BOM per §6.4),
+sent over TLS with octet-counting framing (RFC 5425 §4.3) or as one UDP datagram each
+(RFC 5426). The records come from ``dicomfw.observe.audit`` and this sink sits behind the same
+kind of bounded queue, on its own thread: a slow or absent collector costs audit messages,
+never relay time.
 
 Records become messages like this:
 
@@ -36,8 +36,8 @@ from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any, Final
 
-from dicomfw.audit import QueuedSink, Record
 from dicomfw.config.model import AtnaCollector
+from dicomfw.observe.audit import QueuedSink, Record
 
 PRI: Final = 10 * 8 + 5  # facility 10 (security/authorization), severity 5 (notice)
 MSGID: Final = "DICOM+RFC3881"

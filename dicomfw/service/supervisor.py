@@ -36,7 +36,7 @@ becomes the supervisor:
   (``PROMETHEUS_MULTIPROC_DIR``, removed at exit); the supervisor serves their sum on
   ``/metrics``, counts reloads and restarts, and drops a dead worker's live gauges.
 
-``dicomfw.daemon`` (and through it prometheus-client) is imported inside functions, after
+``dicomfw.service.daemon`` (and through it prometheus-client) is imported inside functions, after
 ``PROMETHEUS_MULTIPROC_DIR`` is set: prometheus-client decides between in-memory values and
 per-process files when it is first imported.
 """
@@ -62,10 +62,10 @@ from dicomfw import logsetup
 from dicomfw.config.load import load_config
 from dicomfw.logsetup import log_event
 from dicomfw.relay.server import Relay, Runtime, bind_listeners
-from dicomfw.sdnotify import Notifier
+from dicomfw.service.sdnotify import Notifier
 
 if TYPE_CHECKING:
-    from dicomfw.metrics import Metrics, MetricsServer
+    from dicomfw.observe.metrics import Metrics, MetricsServer
 
 log = logging.getLogger("dicomfw.supervisor")
 
@@ -93,7 +93,7 @@ def run(config_path: Path, drain_seconds: float | None = None) -> int:
     """
     config = load_config(config_path)
     if config.workers == 1:
-        from dicomfw import daemon
+        from dicomfw.service import daemon
 
         return daemon.run(config_path, drain_seconds)
     metrics_dir = None
@@ -108,8 +108,8 @@ def run(config_path: Path, drain_seconds: float | None = None) -> int:
 
 
 def _supervise(config_path: Path, drain_seconds: float | None) -> int:
-    from dicomfw.daemon import load_runtime
-    from dicomfw.metrics import Metrics, MetricsServer
+    from dicomfw.observe.metrics import Metrics, MetricsServer
+    from dicomfw.service.daemon import load_runtime
 
     runtime = load_runtime(config_path)
     config = runtime.config
@@ -347,7 +347,7 @@ class Supervisor:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
             self._close_supervisor_resources()
             logsetup.tag_process(worker=slot, pid=os.getpid())
-            from dicomfw import daemon
+            from dicomfw.service import daemon
 
             setup = daemon.WorkerSetup(self._runtime, self._sockets, _ParentLink(link))
             status = daemon.run(self._config_path, self._drain_seconds, setup)
@@ -482,8 +482,8 @@ class Supervisor:
         if self._reload is not None:
             self._reload_again = True
             return
-        from dicomfw.daemon import revalidate
-        from dicomfw.observability import warn_restart_needed
+        from dicomfw.observe.observability import warn_restart_needed
+        from dicomfw.service.daemon import revalidate
 
         if self._announced:
             self._notifier.reloading()

@@ -1,4 +1,4 @@
-"""Prometheus metrics, fed by the same relay events as the log and the audit trail (DESIGN §6).
+"""Prometheus metrics, fed by the same relay events as the log and the audit trail.
 
 Names follow the Prometheus conventions: ``dicomfw_`` prefix, base units (``_seconds``,
 ``_bytes``), ``_total`` on counters. Every label value comes from the rules file (listener,
@@ -10,7 +10,7 @@ The observer never blocks and is never called per PDU or per request: bytes are 
 per association at its end, and requests (counts by status class, round trips timed by the
 session) arrive in a ``RequestTally`` about once a second per association.
 
-Several worker processes (``dicomfw.supervisor`` does all of this): start every process with
+Several worker processes (``dicomfw.service.supervisor`` does all of this): start every process with
 ``PROMETHEUS_MULTIPROC_DIR`` set to the same empty directory (prometheus-client then keeps each
 value in a per-process mmap file), let one process serve ``/metrics`` (``MetricsServer`` then
 aggregates all files with ``MultiProcessCollector``), and call

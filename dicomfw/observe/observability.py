@@ -17,11 +17,11 @@ import logging
 from collections.abc import Callable
 from typing import Final
 
-from dicomfw.atna import atna_sink
-from dicomfw.audit import AuditTrail, QueuedSink, json_lines_sink
 from dicomfw.config.model import Config
 from dicomfw.logsetup import log_event
-from dicomfw.metrics import Metrics, MetricsServer
+from dicomfw.observe.atna import atna_sink
+from dicomfw.observe.audit import AuditTrail, QueuedSink, json_lines_sink
+from dicomfw.observe.metrics import Metrics, MetricsServer
 from dicomfw.relay.server import Observer
 
 log = logging.getLogger("dicomfw.observability")
