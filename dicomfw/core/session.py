@@ -650,6 +650,9 @@ class Session:
         assert stream is not None and self._to_requester is not None
         self._events = []
         forwarded = stream.feed(data)
+        unread = stream.take_unread()
+        if unread:  # our answers to it pile up (``_decide_request``): the rest waits
+            self._deferred[:0] = unread
         delay, self._delay = self._delay, 0.0
         commands: list[Command] = []
         if forwarded:
@@ -748,6 +751,9 @@ class Session:
         self._replies += self._to_requester.inject(
             pdu.p_data_tf([pdu.pdv(context_id, 0x03, response)])
         )
+        if self._to_requester.queued_bytes > MAX_QUEUED_REPLY_BYTES:
+            assert self._to_upstream is not None
+            self._to_upstream.halt()  # read no more of the requester until they have gone out
         self._refused(service or "unknown", sop_class, decision, command.message_id)
         return False
 

@@ -66,7 +66,7 @@ class DataStream:
         "_contexts",
         "_decide",
         "_drop",
-        "_ended",
+        "_halted",
         "_held",
         "_inject",
         "_injected",
@@ -75,6 +75,7 @@ class DataStream:
         "_need",
         "_partial",
         "_state",
+        "_unread",
         "control_pdus",
     )
 
@@ -95,7 +96,8 @@ class DataStream:
         self._held: list[tuple[bytes, list[int], list[int]]] = []
         self._inject: list[bytes] = []
         self._injected = 0  # bytes in ``_inject``
-        self._ended = False  # an A-ABORT went through: nothing after it is read
+        self._halted = False  # stop reading after the current PDU (``halt``, or an A-ABORT)
+        self._unread = b""  # what ``feed`` did not read because it halted
         #: Types of the release/abort PDUs forwarded so far, for the session to act on.
         self.control_pdus: list[int] = []
 
@@ -129,14 +131,16 @@ class DataStream:
     def feed(self, data: bytes) -> list[Buffer]:
         """Consume received bytes; return the buffers to forward, in order.
 
-        Nothing after an A-ABORT is read: the association ends there, whatever follows it.
+        Reading stops after a PDU that asked to ``halt`` (what is left waits in
+        ``take_unread``), and for good after an A-ABORT: the association ends there, whatever
+        follows it.
         """
         out: list[Buffer] = []
         view = memoryview(data)
         end = len(view)
         pos = 0
         run = -1  # start of the current pass-through run in ``view``
-        while pos < end and not self._ended:
+        while pos < end and not self._halted:
             left = self._left
             if left:
                 take = left if left < end - pos else end - pos
@@ -225,7 +229,18 @@ class DataStream:
                 pos = end
         if run >= 0:
             out.append(view if run == 0 and pos == end else view[run:pos])
+        if pos < end:
+            self._unread = bytes(view[pos:end])
         return out
+
+    def halt(self) -> None:
+        """Read no further than the PDU being read (called from ``decide``)."""
+        self._halted = True
+
+    def take_unread(self) -> bytes:
+        """What the last ``feed`` left unread because it halted; reading goes on from there."""
+        unread, self._unread, self._halted = self._unread, b"", False
+        return unread
 
     def _continues_data_set(
         self, pdu_type: int, length: int, pdv_length: int, context: int, control: int
@@ -275,7 +290,7 @@ class DataStream:
                 )
             out.append(pdu)
             self.control_pdus.append(pdu_type)
-            self._ended = pdu_type == A_ABORT
+            self._halted = pdu_type == A_ABORT
             return
         kept: list[int] = []  # ranges of the PDVs of this PDU that pass
         command: list[int] = []  # ranges of this PDU's PDVs of a command not yet complete

@@ -264,8 +264,8 @@ class AuditTrail:
             facts = self._facts.get(id(info))
             if facts is not None:
                 row = facts.row(event.service, event.sop_class)
-                row[_INDEX["requests"]] += 1
-                row[_INDEX["refused"]] += 1
+                row[_INDEX["requests"]] += event.count
+                row[_INDEX["refused"]] += event.count
             self._request_record(
                 info,
                 "request_refused",
@@ -275,6 +275,7 @@ class AuditTrail:
                 event.message_id,
                 event.why,
                 event.detail,
+                event.count,
             )
         elif kind is AssociationAccepted:
             assert isinstance(event, AssociationAccepted)
@@ -315,7 +316,9 @@ class AuditTrail:
         message_id: int | None,
         why: str,
         detail: str,
+        count: int = 1,
     ) -> None:
+        """One request, or ``count`` alike reported together (a refusal flood, counted)."""
         record = _who(self._pid, info, name)
         record.update(
             calling_ae=info.calling_ae,
@@ -326,6 +329,7 @@ class AuditTrail:
             sop_class_uid=sop_class,
             message_id=message_id,
             status=f"0x{status:04X}",
+            count=count,
         )
         if why:
             record.update(reason=why, detail=detail)

@@ -91,6 +91,7 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             sop_class=name_of(event.sop_class),
             status=f"0x{event.status:04X}",
             why=event.why,
+            count=event.count,
             detail=event.detail,
         )
     elif isinstance(event, AssociationEnded):

@@ -60,7 +60,13 @@ log = logging.getLogger("dicomfw.metrics")
 #: Ends of an association the firewall imposed because a peer broke the protocol or went
 #: quiet: counted as refusals next to the policy's own.
 PROTOCOL_REFUSALS: Final = frozenset(
-    {"requester_protocol_error", "upstream_protocol_error", "artim_timeout", "idle_timeout"}
+    {
+        "requester_protocol_error",
+        "upstream_protocol_error",
+        "artim_timeout",
+        "idle_timeout",
+        "too_many_refusals",
+    }
 )
 NONE: Final = "none"  # label value: no route (yet)
 UNKNOWN: Final = "unknown"  # label value: an AE title that is no configured peer
@@ -268,8 +274,8 @@ class Metrics:
             assert isinstance(event, RequestRefused)
             route = info.route or NONE
             sop_class = self._sop_labels.get(event.sop_class, OTHER)
-            self._child(self.requests, route, event.service, sop_class, "failure").inc()
-            self._child(self.refusals, info.listener, "request", event.why).inc()
+            self._child(self.requests, route, event.service, sop_class, "failure").inc(event.count)
+            self._child(self.refusals, info.listener, "request", event.why).inc(event.count)
         elif kind is AssociationAccepted:
             assert isinstance(event, AssociationAccepted)
             self._open[id(info)] = event.route

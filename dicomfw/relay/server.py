@@ -54,13 +54,13 @@ log = logging.getLogger("dicomfw.relay")
 #: After a drain, how long the A-ABORTs sent to what was left may take to be written.
 _ABORT_FLUSH_SECONDS: Final = 1.0
 #: Plaintext bytes taken from a TLS connection at once (uvloop's own plain read size); see
-#: ``_TlsReads``. Below the 256 KiB from which ``heap.py`` has glibc map memory afresh.
+#: ``_TlsReads``. Below the 256 KiB from which ``service/heap.py`` has glibc map memory afresh.
 READ_BYTES: Final = 256_000
 #: Plaintext handed to a TLS transport at once. OpenSSL encrypts each write into the
 #: connection's outgoing memory BIO, whose buffer grows by a third when full and keeps its size:
-#: writes of up to 128 KiB keep it at ~175 KB, below ``heap.py``'s 256 KiB mapping threshold.
-#: A whole 256,000-byte read took it to ~350 KB: a fresh mapping per association, its pages
-#: faulted in (measured: 71 faults and ~0.15 ms of CPU per one-image association).
+#: writes of up to 128 KiB keep it at ~175 KB, below ``service/heap.py``'s 256 KiB mapping
+#: threshold. A whole 256,000-byte read took it to ~350 KB: a fresh mapping per association,
+#: its pages faulted in (measured: 71 faults and ~0.15 ms of CPU per one-image association).
 TLS_WRITE_BYTES: Final = 128 * 1024
 #: How often open associations report what their requests came to (``RequestTally``).
 _TALLY_SECONDS: Final = 1.0
@@ -148,7 +148,7 @@ class _TlsReads(asyncio.BufferedProtocol):
 
     For memory, not speed: a TLS transport that calls ``data_received`` itself decrypts every
     read into a fresh 256 KiB bytes object (uvloop's ``SSL_READ_MAX_SIZE``), so glibc could not
-    map blocks of that size on their own without paying for it on every read (``heap.py``);
+    map blocks of that size on their own without paying for it on every read (``service/heap.py``);
     and uvloop's 256 KiB read buffer of each TLS connection then lands in the heap between the
     small allocations of the others. Measured with 1,000 idle associations: 34 KB each instead
     of 42 KB. Buffered, the transport decrypts into the relay's one ``read_buffer`` and each

@@ -1,6 +1,6 @@
 """TLS contexts for listeners and upstreams, following DICOM BCP 195 (non-downgrading profile).
 
-Each reload builds *new* contexts (DESIGN §5: a context in use keeps its session cache and
+Each reload builds *new* contexts (measured: a context in use keeps its session cache and
 ignores a CRL loaded later), and upstream contexts resume sessions: without resumption every
 one-image association pays a full mutual-TLS handshake. asyncio's ``create_connection`` takes no
 ``session=``, but both asyncio and uvloop create the TLS object through ``context.wrap_bio``,
