@@ -631,19 +631,22 @@ class Session:
         except RemoteProtocolError as error:
             return self._fail(side, error)
         except _CutOff as cut:
-            events, self._events = self._events, []
-            return [
-                *events,
-                *self._abort(
-                    Side.REQUESTER, pdu.ABORT_REASON_NOT_SPECIFIED, "too_many_refusals", str(cut)
-                ),
-            ]
+            return self._end_feed(
+                Side.REQUESTER, pdu.ABORT_REASON_NOT_SPECIFIED, "too_many_refusals", str(cut)
+            )
 
     def _fail(self, side: Side, error: RemoteProtocolError) -> list[Command]:
-        """``side`` broke the protocol: A-ABORT both sides, after the events already raised."""
+        """``side`` broke the protocol: A-ABORT both sides."""
+        return self._end_feed(side, error.abort_reason, f"{side.value}_protocol_error", str(error))
+
+    def _end_feed(self, culprit: Side, reason: int, why: str, detail: str) -> list[Command]:
+        """A-ABORT both sides in the middle of a read, after what the read already produced for
+        the requester and the observers: the refusals answered and reported before the end
+        are the same however the requester's bytes were split into reads."""
         events, self._events = self._events, []
-        why = f"{side.value}_protocol_error"
-        return [*events, *self._abort(side, error.abort_reason, why, str(error))]
+        replies = self._replies
+        answered: list[Command] = [Send(Side.REQUESTER, replies)] if replies else []
+        return [*answered, *events, *self._abort(culprit, reason, why, detail)]
 
     def _data_phase(self, side: Side, data: bytes) -> list[Command]:
         stream = self._to_upstream if side is Side.REQUESTER else self._to_requester
