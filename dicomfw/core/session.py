@@ -55,7 +55,7 @@ from dicomfw.core.policy import (
     Route,
 )
 from dicomfw.core.ratelimit import Delay, Gate
-from dicomfw.core.stream import Buffer, DataStream
+from dicomfw.core.stream import FORWARD, SWALLOW, Buffer, DataStream
 from dicomfw.errors import LocalProtocolError, RemoteProtocolError
 
 _PENDING_STATUSES: Final = frozenset((0xFF00, 0xFF01))
@@ -717,10 +717,10 @@ class Session:
                 self._released = True
         return commands
 
-    def _decide_request(self, context_id: int, command: DimseCommand) -> bool:
+    def _decide_request(self, context_id: int, command: DimseCommand) -> int:
         """A command from the requester: a request policy must allow, or a reply passing."""
         if command.is_response or command.command_field == C_CANCEL_RQ:
-            return True
+            return FORWARD
         assert self.route is not None
         service = SERVICE_BY_COMMAND.get(command.command_field)
         sop_class = command.sop_class or self._abstract_syntax.get(context_id, "")
@@ -743,7 +743,7 @@ class Session:
             if command.message_id is not None and service is not None:
                 self._outstanding[command.message_id] = (service, sop_class, self._clock())
                 self._tally.of(service, sop_class).forwarded += 1
-            return True
+            return FORWARD
         self._refusals += 1
         if self._max_refusals and self._refusals > self._max_refusals:
             raise _CutOff(f"more than {self._max_refusals} requests refused on one association")
@@ -758,7 +758,7 @@ class Session:
             assert self._to_upstream is not None
             self._to_upstream.halt()  # read no more of the requester until they have gone out
         self._refused(service or "unknown", sop_class, decision, command.message_id)
-        return False
+        return SWALLOW
 
     def _refused(
         self, service: str, sop_class: str, decision: Refuse, message_id: int | None
@@ -780,13 +780,13 @@ class Session:
         key = (decision.why, service, sop_class, decision.status)
         self._unreported[key] = self._unreported.get(key, 0) + 1
 
-    def _observe_upstream(self, context_id: int, command: DimseCommand) -> bool:
+    def _observe_upstream(self, context_id: int, command: DimseCommand) -> int:
         """A command from the upstream always passes; final responses complete a request."""
         if command.is_response and command.status not in _PENDING_STATUSES:
             done = self._outstanding.pop(command.message_id or 0, None)
             if done is not None:
                 self._completed(done, command.status or 0, command.message_id)
-        return True
+        return FORWARD
 
     def _completed(
         self, request: tuple[str, str, float], status: int, message_id: int | None
