@@ -286,6 +286,29 @@ class Limiter:
         return Usage(self._pending.total(), self._total, keys)
 
 
+def _over(
+    limiter: Limiter, limits: RateLimits, source: SourceKey, peer: str, now: float
+) -> Reject | None:
+    """The first association limit one more association of ``peer`` from ``source`` breaks:
+    the peer's association rate (a token is taken when there is one), then the caps."""
+    rate = limits.associations_per_minute_per_peer
+    if rate is not None and not limiter._peer_rates.get(peer, rate, now).take(rate, now):
+        return _over_limit(
+            "peer_association_rate_exceeded", f"{peer} is over {rate} associations/minute"
+        )
+    caps = (
+        (limits.max_concurrent_per_ip, limiter._by_source.get(source), "ip", source),
+        (limits.max_concurrent_per_peer, limiter._by_peer.get(peer), "peer", peer),
+        (limits.max_concurrent_total, limiter._total, "total", "the firewall"),
+    )
+    for cap, count, scope, who in caps:
+        if cap is not None and count >= cap:
+            return _over_limit(
+                f"{scope}_concurrency_exceeded", f"{who} has {count} of {cap} associations"
+            )
+    return None
+
+
 def _over_limit(why: str, detail: str) -> Reject:
     """PS3.8 Table 9-21: rejected-transient, service-provider (presentation), local limit."""
     return Reject(
@@ -330,35 +353,25 @@ class Gate:
             "ip_association_rate_exceeded", f"{self._source} is over {rate} associations/minute"
         )
 
-    def admit(self, peer: str, now: float) -> Reject | None:
+    def admit(self, peer: str, now: float, enforce: bool = True) -> Reject | None:
         """The policy accepted ``peer``: check its association rate and the concurrency caps,
-        and on success count the association as active instead of pending."""
+        and count the association as active instead of pending. Over a limit, enforce mode
+        counts nothing and returns the rejection; monitor mode (``enforce`` False) returns it
+        too but counts the association, which goes on, so the counts stay true."""
         source = self._source
         if source is None or self._active:
             return None
         limiter = self._limiter
         limits = self._rules.effective(self._listener, peer)
-        rate = limits.associations_per_minute_per_peer
-        if rate is not None and not limiter._peer_rates.get(peer, rate, now).take(rate, now):
-            return _over_limit(
-                "peer_association_rate_exceeded", f"{peer} is over {rate} associations/minute"
-            )
-        caps = (
-            (limits.max_concurrent_per_ip, limiter._by_source.get(source), "ip", source),
-            (limits.max_concurrent_per_peer, limiter._by_peer.get(peer), "peer", peer),
-            (limits.max_concurrent_total, limiter._total, "total", "the firewall"),
-        )
-        for cap, count, scope, who in caps:
-            if cap is not None and count >= cap:
-                return _over_limit(
-                    f"{scope}_concurrency_exceeded", f"{who} has {count} of {cap} associations"
-                )
+        over = _over(limiter, limits, source, peer, now)
+        if over is not None and enforce:
+            return over
         limiter._pending.remove(source)
         limiter._by_source.add(source)
         limiter._by_peer.add(peer)
         limiter._total += 1
         self._peer, self._active, self._limits = peer, True, limits
-        return None
+        return over
 
     def request(self, service: str, now: float) -> Delay | Refuse | None:
         """May a DIMSE request of ``service`` pass now? ``None``: yes; ``Delay``: after a wait

@@ -39,6 +39,7 @@ from dicomfw.core import acse, pdu
 from dicomfw.core.dimse import DimseCommand, encode_response, status_class
 from dicomfw.core.policy import (
     C_CANCEL_RQ,
+    MONITOR,
     PC_ACCEPTANCE,
     RJ_PERMANENT,
     RJ_SOURCE_PRESENTATION,
@@ -47,6 +48,7 @@ from dicomfw.core.policy import (
     RJ_USER_NO_REASON,
     SERVICE_BY_COMMAND,
     Accept,
+    Allow,
     IPAddress,
     Policy,
     PresentedIdentity,
@@ -178,6 +180,24 @@ class RequestRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class WouldRefuse:
+    """What enforce mode would have refused, in monitor mode, where it goes on as if allowed.
+
+    ``stage``: association, context, request or limit; ``why`` and ``detail`` as enforce mode
+    would report them; ``answer`` what it would have sent (``A-ASSOCIATE-RJ 1/1/3``, a context
+    result, a DIMSE status). Reported like refusals: ten of a kind one by one, then counted.
+    """
+
+    stage: str
+    why: str
+    detail: str
+    answer: str
+    service: str = ""
+    sop_class: str = ""
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class RequestFailed:
     """The upstream answered a request with a failure status (counted in ``RequestTally`` too;
     this event is for the audit record of the failure)."""
@@ -252,6 +272,7 @@ Event = (
     AssociationRejected
     | AssociationAccepted
     | RequestRefused
+    | WouldRefuse
     | RequestFailed
     | RequestTally
     | AssociationEnded
@@ -324,9 +345,10 @@ class Session:
         self._deferred = bytearray()  # from the requester while it is not read
         self._max_refusals = max_refusals
         self._refusals = 0
-        self._refusals_by_why: dict[str, int] = {}
-        #: refusals not reported one by one: (why, service, SOP class, status) -> how many
-        self._unreported: dict[tuple[str, str, str, int], int] = {}
+        self._reported_by_why: dict[tuple[bool, str], int] = {}  # (monitored, why) -> reported
+        #: refusals not reported one by one, as their event with neither detail nor message ID
+        #: -> how many
+        self._unreported: dict[RequestRefused | WouldRefuse, int] = {}
         self._reported_at = self._clock()
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -367,18 +389,11 @@ class Session:
         if self._unreported and (
             final or self._clock() - self._reported_at >= REFUSAL_REPORT_SECONDS
         ):
-            for (why, service, sop_class, status), count in self._unreported.items():
-                report.append(
-                    RequestRefused(
-                        service,
-                        sop_class,
-                        status,
-                        why,
-                        f"{count} more requests refused for the same reason",
-                        None,
-                        count,
-                    )
-                )
+            for event, count in self._unreported.items():
+                detail = f"{count} more requests refused for the same reason"
+                if isinstance(event, WouldRefuse):
+                    detail = f"{count} more would have been refused for the same reason"
+                report.append(replace(event, detail=detail, count=count))
             self._unreported = {}
             self._reported_at = self._clock()
         return report
@@ -462,44 +477,74 @@ class Session:
         rq = acse.decode_rq(raw)
         self._rq = rq
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
-        # The address's association rate comes first, so it also slows down AE title guessing.
+        # The address's association rate comes first (in enforce mode the answer), so it also
+        # slows down AE title guessing.
         over = self._gate.source(self._clock()) if self._gate is not None else None
-        if over is not None:
-            return self._reject(over)
         decision = self.policy.decide_association(
             self.listener, self.address, rq.calling_ae, rq.called_ae, self.identity
         )
+        monitor = isinstance(decision, Accept) and decision.route.mode == MONITOR
+        if over is not None and not monitor:
+            return self._reject(over)
         if isinstance(decision, Reject):
             return self._reject(decision)
+        objections = [("association", reject) for reject in decision.objections]
+        if over is not None:
+            objections.append(("limit", over))
         if self._gate is not None:
-            over = self._gate.admit(decision.peer.ae_title, self._clock())
-            if over is not None:
+            peer = decision.peer.ae_title if decision.peer is not None else ""
+            over = self._gate.admit(peer, self._clock(), enforce=not monitor)
+            if over is not None and not monitor:
                 return self._reject(over)
+            if over is not None:
+                objections.append(("limit", over))
+        for stage, reject in objections:
+            answer = f"A-ASSOCIATE-RJ {reject.result}/{reject.source}/{reject.reason}"
+            self._report(WouldRefuse(stage, reject.why, reject.detail, answer))
         return self._propose_upstream(rq, decision, self._rest_after(pdus))
 
     def _propose_upstream(self, rq: acse.AssociateRQ, accept: Accept, rest: bytes) -> list[Command]:
         route = accept.route
         self.route = route
         kept: list[acse.ProposedContext] = []
+        allowed = 0  # contexts enforce mode would keep
         for context in rq.contexts:
             self._abstract_syntax[context.context_id] = context.abstract_syntax
             verdict = self.policy.filter_context(
                 route, context.context_id, context.abstract_syntax, context.transfer_syntaxes
             )
             if verdict.result == PC_ACCEPTANCE:
+                allowed += 1
                 kept.append(acse.narrow(context, verdict.transfer_syntaxes))
                 self._narrowed[context.context_id] = verdict.transfer_syntaxes
+            elif route.mode == MONITOR:  # proposed as the requester proposed it
+                kept.append(context)
+                self._narrowed[context.context_id] = context.transfer_syntaxes
+                self._report(
+                    WouldRefuse(
+                        "context",
+                        verdict.why,
+                        f"presentation context {context.context_id}",
+                        f"presentation context result {verdict.result}",
+                        sop_class=context.abstract_syntax,
+                    )
+                )
             else:
                 self._refused_contexts[context.context_id] = verdict.result
                 self._refused_why[context.context_id] = verdict.why
-        if not kept:
-            return self._reject(
-                Reject(
-                    RJ_PERMANENT,
-                    RJ_SOURCE_USER,
-                    RJ_USER_NO_REASON,
-                    "no_context_allowed",
-                    "no proposed presentation context is allowed on route " + repr(route.name),
+        if not allowed:
+            no_context = Reject(
+                RJ_PERMANENT,
+                RJ_SOURCE_USER,
+                RJ_USER_NO_REASON,
+                "no_context_allowed",
+                "no proposed presentation context is allowed on route " + repr(route.name),
+            )
+            if not kept:
+                return self._reject(no_context)
+            self._report(
+                WouldRefuse(
+                    "association", no_context.why, no_context.detail, "A-ASSOCIATE-RJ 1/1/1"
                 )
             )
         upstream_rq = replace(
@@ -510,7 +555,8 @@ class Session:
         self._upstream_rq = acse.encode_rq(upstream_rq, tuple(kept), self._max_pdu)
         self._early += rest
         self.state = State.AWAIT_UPSTREAM
-        return [ConnectUpstream(route.upstream)]
+        events, self._events = self._events, []
+        return [*events, ConnectUpstream(route.upstream)]
 
     def _await_ac(self, data: bytes) -> list[Command]:
         pdus = self._setup.feed(data)
@@ -721,24 +767,39 @@ class Session:
         """A command from the requester: a request policy must allow, or a reply passing."""
         if command.is_response or command.command_field == C_CANCEL_RQ:
             return FORWARD
-        assert self.route is not None
+        route = self.route
+        assert route is not None
         service = SERVICE_BY_COMMAND.get(command.command_field)
         sop_class = command.sop_class or self._abstract_syntax.get(context_id, "")
+        stage = "request"
         if service is None:
             decision: Refuse | None = Refuse(
                 0x0211, "unrecognized_operation", f"command 0x{command.command_field:04x}"
             )
         else:
             verdict = self.policy.decide_request(
-                self.route, service, sop_class, command.move_destination
+                route, service, sop_class, command.move_destination
             )
-            decision = verdict if isinstance(verdict, Refuse) else None
+            decision = None if isinstance(verdict, Allow) else verdict
             if decision is None and self._gate is not None:
                 metered = self._gate.request(service, self._clock())
-                if isinstance(metered, Delay):
+                stage = "limit"
+                if isinstance(metered, Delay) and route.mode != MONITOR:
                     self._delay = max(self._delay, metered.seconds)
+                elif isinstance(metered, Delay):
+                    decision = Refuse(
+                        0, "request_rate_exceeded", f"would wait {metered.seconds:.1f} s"
+                    )
                 else:
                     decision = metered
+        if decision is not None and route.mode == MONITOR:
+            answer = f"0x{decision.status:04X}" if decision.status else "delayed"
+            self._report(
+                WouldRefuse(
+                    stage, decision.why, decision.detail, answer, service or "unknown", sop_class
+                )
+            )
+            decision = None
         if decision is None:
             if command.message_id is not None and service is not None:
                 self._outstanding[command.message_id] = (service, sop_class, self._clock())
@@ -757,27 +818,34 @@ class Session:
         if self._to_requester.queued_bytes > MAX_QUEUED_REPLY_BYTES:
             assert self._to_upstream is not None
             self._to_upstream.halt()  # read no more of the requester until they have gone out
-        self._refused(service or "unknown", sop_class, decision, command.message_id)
+        self._report(
+            RequestRefused(
+                service or "unknown",
+                sop_class,
+                decision.status,
+                decision.why,
+                decision.detail,
+                command.message_id,
+            )
+        )
         return SWALLOW
 
-    def _refused(
-        self, service: str, sop_class: str, decision: Refuse, message_id: int | None
-    ) -> None:
-        """Report a refusal, or past ``REFUSALS_REPORTED_ONE_BY_ONE`` of its kind count it for
-        ``take_report``, keyed by what the rules and the negotiation bound (a SOP class the
-        association did not negotiate counts as "")."""
-        seen = self._refusals_by_why.get(decision.why, 0) + 1
-        self._refusals_by_why[decision.why] = seen
+    def _report(self, event: RequestRefused | WouldRefuse) -> None:
+        """Report a refusal (or what monitor mode let pass), or past
+        ``REFUSALS_REPORTED_ONE_BY_ONE`` of its kind count it for ``take_report``, keyed by
+        what the rules and the negotiation bound: no detail or message ID, and a SOP class the
+        association did not negotiate counts as ""."""
+        kind = (isinstance(event, WouldRefuse), event.why)
+        seen = self._reported_by_why.get(kind, 0) + 1
+        self._reported_by_why[kind] = seen
         if seen <= REFUSALS_REPORTED_ONE_BY_ONE:
-            self._events.append(
-                RequestRefused(
-                    service, sop_class, decision.status, decision.why, decision.detail, message_id
-                )
-            )
+            self._events.append(event)
             return
-        if sop_class not in self._abstract_syntax.values():
-            sop_class = ""
-        key = (decision.why, service, sop_class, decision.status)
+        sop_class = event.sop_class if event.sop_class in self._abstract_syntax.values() else ""
+        if isinstance(event, WouldRefuse):
+            key: RequestRefused | WouldRefuse = replace(event, detail="", sop_class=sop_class)
+        else:
+            key = replace(event, detail="", sop_class=sop_class, message_id=None)
         self._unreported[key] = self._unreported.get(key, 0) + 1
 
     def _observe_upstream(self, context_id: int, command: DimseCommand) -> int:

@@ -398,8 +398,7 @@ class DataStream:
     def _check_data_context(self, context: int) -> None:
         if context != self._context:
             raise RemoteProtocolError(
-                f"data set PDV on context {context} while the message uses context "
-                f"{self._context}",
+                f"data set PDV on context {context} while the message uses context {self._context}",
                 ABORT_UNEXPECTED_PARAMETER,
             )
 

@@ -3,7 +3,8 @@
 One JSON object per line: one per association when it ends (who: AE titles, source address,
 certificate; what: services and SOP classes with counts, instances stored, bytes both ways;
 outcome, reason and timing), one per refused connection, rejected association, refused request
-and failed request, and one when the daemon starts and stops. The same records feed the IHE ATNA
+and failed request, one per thing monitor mode let pass that enforce mode would have refused,
+and one when the daemon starts and stops. The same records feed the IHE ATNA
 sink (``dicomfw.observe.atna``). Unlike metrics, the audit keeps AE titles and addresses exactly
 as received: that is what an investigation needs.
 
@@ -39,6 +40,7 @@ from dicomfw.core.session import (
     RequestFailed,
     RequestRefused,
     RequestTally,
+    WouldRefuse,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
@@ -298,6 +300,23 @@ class AuditTrail:
                 detail=event.detail,
                 by_upstream=event.by_upstream,
                 rejection={"result": event.result, "source": event.source, "reason": event.reason},
+            )
+            self._submit(record)
+        elif kind is WouldRefuse:
+            assert isinstance(event, WouldRefuse)
+            record = _who(self._pid, info, "would_refuse")
+            record.update(
+                calling_ae=info.calling_ae,
+                called_ae=info.called_ae,
+                route=info.route,
+                stage=event.stage,
+                reason=event.why,
+                detail=event.detail,
+                answer=event.answer,
+                service=event.service or None,
+                sop_class=name_of(event.sop_class) if event.sop_class else None,
+                sop_class_uid=event.sop_class or None,
+                count=event.count,
             )
             self._submit(record)
         elif kind is Refused:

@@ -17,6 +17,7 @@ from dicomfw.core.session import (
     RequestFailed,
     RequestRefused,
     RequestTally,
+    WouldRefuse,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
@@ -91,6 +92,22 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             sop_class=name_of(event.sop_class),
             status=f"0x{event.status:04X}",
             why=event.why,
+            count=event.count,
+            detail=event.detail,
+        )
+    elif isinstance(event, WouldRefuse):
+        log_event(
+            log,
+            logging.INFO,
+            "would_refuse",
+            **where,
+            calling_ae=info.calling_ae,
+            called_ae=info.called_ae,
+            stage=event.stage,
+            service=event.service or None,
+            sop_class=name_of(event.sop_class) if event.sop_class else None,
+            why=event.why,
+            answer=event.answer,
             count=event.count,
             detail=event.detail,
         )

@@ -50,6 +50,7 @@ from dicomfw.core.session import (
     Event,
     RequestRefused,
     RequestTally,
+    WouldRefuse,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
@@ -107,6 +108,13 @@ class Metrics:
             "dicomfw_refusals_total",
             "What the firewall refused, by stage (connection, association, context, request, "
             "protocol) and stable reason.",
+            ["listener", "stage", "reason"],
+            registry=r,
+        )
+        self.would_refuse = Counter(
+            "dicomfw_would_refuse_total",
+            "What a listener or route in monitor mode let pass that enforce mode would have "
+            "refused, by stage (connection, association, context, request, limit) and reason.",
             ["listener", "stage", "reason"],
             registry=r,
         )
@@ -276,6 +284,9 @@ class Metrics:
             sop_class = self._sop_labels.get(event.sop_class, OTHER)
             self._child(self.requests, route, event.service, sop_class, "failure").inc(event.count)
             self._child(self.refusals, info.listener, "request", event.why).inc(event.count)
+        elif kind is WouldRefuse:
+            assert isinstance(event, WouldRefuse)
+            self._child(self.would_refuse, info.listener, event.stage, event.why).inc(event.count)
         elif kind is AssociationAccepted:
             assert isinstance(event, AssociationAccepted)
             self._open[id(info)] = event.route

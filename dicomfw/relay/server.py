@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, cast
 
 from dicomfw.config.model import Config, Listener
-from dicomfw.core.policy import IPAddress, PresentedIdentity, in_networks
+from dicomfw.core.policy import MONITOR, IPAddress, PresentedIdentity, in_networks
 from dicomfw.core.proxy import InvalidProxyHeader, ProxyHeader, ProxyHeaderReader
 from dicomfw.core.ratelimit import Gate, Limiter
 from dicomfw.core.session import (
@@ -38,6 +38,7 @@ from dicomfw.core.session import (
     Side,
     State,
     Wakeup,
+    WouldRefuse,
 )
 from dicomfw.core.stream import Buffer
 from dicomfw.logsetup import log_event
@@ -664,10 +665,16 @@ class Relay:
     ) -> Gate | None:
         """The source allowlist and the pending-connection cap, before a byte of TLS or DICOM is
         read; on refusal the connection is closed and ``None`` returned."""
-        if not runtime.config.policy.admits_source(info.address):
-            self.notify(info, Refused("source_address_denied", str(info.address)))
-            connection.close()
-            return None
+        policy = runtime.config.policy
+        if not policy.admits_source(info.address):
+            if policy.listener_mode(listener.name) != MONITOR:
+                self.notify(info, Refused("source_address_denied", str(info.address)))
+                connection.close()
+                return None
+            would = WouldRefuse(
+                "connection", "source_address_denied", str(info.address), "connection closed"
+            )
+            self.notify(info, would)
         gate = self.limiter.connect(runtime.config.limits.rates, listener.name, info.address)
         if gate is None:  # too many connections from there that have not associated yet
             self.notify(info, Refused("pending_limit_exceeded", str(info.address)))
