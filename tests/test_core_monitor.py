@@ -15,10 +15,12 @@ import pytest
 from dicomfw.core.policy import MONITOR, CertificateIdentity, Peer, Policy
 from dicomfw.core.ratelimit import Limiter, LimitRules, RateLimits
 from dicomfw.core.session import (
+    MAX_MOVE_DESTINATIONS,
     AssociationRejected,
     Command,
     ConnectUpstream,
     RequestRefused,
+    RequestTally,
     Send,
     Session,
     Side,
@@ -181,3 +183,13 @@ def test_a_request_over_its_rate_passes_in_monitor_mode_and_says_it_was_over() -
                 "request_rate_exceeded",
                 "0xA700",
             )
+
+
+def test_move_destinations_used_are_reported_for_learning_and_bounded() -> None:
+    monitored = established(contexts=ALLOWED_CONTEXTS, session=session(policy_in(MONITOR)))
+    for number in range(40):  # monitor mode lets every destination through
+        monitored.receive(REQUESTER, moved(f"DEST{number % 20}"))
+    tallies = [e for e in monitored.take_report() if isinstance(e, RequestTally)]
+    reported = set().union(*(t.move_destinations for t in tallies))
+    assert len(reported) == MAX_MOVE_DESTINATIONS
+    assert reported <= {f"DEST{n}" for n in range(20)}

@@ -270,7 +270,17 @@ def test_allowed_association_goes_upstream_narrowed_and_comes_back_complete() ->
     commands = session.receive(UPSTREAM, PACS_AC)
     assert len(commands) == 2
     assert commands[1] == AssociationAccepted(
-        "pacs", "CT01", "PACS", 4, ((SC, SECONDARY_CAPTURE, "sop_class_not_allowed"),)
+        "pacs",
+        "CT01",
+        "PACS",
+        4,
+        ((SC, SECONDARY_CAPTURE, "sop_class_not_allowed"),),
+        (
+            (VERIFICATION, IMPLICIT_LE),
+            (CT, EXPLICIT_LE),
+            (STUDY_FIND, IMPLICIT_LE),
+            (STUDY_MOVE, IMPLICIT_LE),
+        ),
     )
     ac_send = commands[0]
     assert isinstance(ac_send, Send) and ac_send.side is REQUESTER

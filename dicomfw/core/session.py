@@ -65,6 +65,9 @@ _PENDING_STATUSES: Final = frozenset((0xFF00, 0xFF01))
 _MAX_EARLY_BYTES: Final = 65_536
 #: Round trips a session keeps before it hands its ``RequestTally`` out by itself.
 TALLY_ROUND_TRIPS: Final = 256
+#: Distinct C-MOVE destinations an association reports (in monitor mode they are the
+#: requester's words, not the rules').
+MAX_MOVE_DESTINATIONS: Final = 16
 #: What a requester may send while it is not read (a request is delayed, or its answers wait):
 #: the relay stops reading from it meanwhile, so this only bounds what one read can bring.
 _MAX_DEFERRED_BYTES: Final = 8 * 1_048_576
@@ -155,13 +158,16 @@ class AssociationRejected:
 
 @dataclass(frozen=True, slots=True)
 class AssociationAccepted:
-    """The upstream accepted; ``refused_contexts`` are (context ID, SOP class UID, why)."""
+    """The upstream accepted; ``refused_contexts`` are (context ID, SOP class UID, why) of those
+    the firewall refused, ``contexts`` (SOP class UID, transfer syntax UID) of those accepted
+    (what learning rules from an audit trail needs)."""
 
     route: str
     calling_ae: str
     called_ae: str
     accepted_contexts: int
     refused_contexts: tuple[tuple[int, str, str], ...]
+    contexts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,19 +244,24 @@ class RequestTally:
     Observers only read it.
     """
 
-    __slots__ = ("counts", "round_trips")
+    __slots__ = ("counts", "move_destinations", "round_trips")
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], OperationCounts] = {}  # (service, SOP class UID)
         #: (service, seconds from forwarding the request to its final response); empty when
         #: the session has no clock
         self.round_trips: list[tuple[str, float]] = []
+        #: C-MOVE destinations of the forwarded requests (new ones of the association, bounded)
+        self.move_destinations: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.counts)
 
     def __repr__(self) -> str:
-        return f"RequestTally(counts={self.counts!r}, round_trips={self.round_trips!r})"
+        return (
+            f"RequestTally(counts={self.counts!r}, round_trips={self.round_trips!r}, "
+            f"move_destinations={self.move_destinations!r})"
+        )
 
     def of(self, service: str, sop_class: str) -> OperationCounts:
         counts = self.counts.get((service, sop_class))
@@ -332,6 +343,7 @@ class Session:
         self._to_upstream: DataStream | None = None
         self._outstanding: dict[int, tuple[str, str, float]] = {}  # (service, SOP, sent at)
         self._tally = RequestTally()
+        self._destinations: set[str] = set()  # C-MOVE destinations reported so far
         self._released = False
         self._replies: list[Buffer] = []  # firewall-made PDUs for the requester, in order
         self._events: list[Command] = []  # events raised while a stream is being fed
@@ -631,6 +643,11 @@ class Session:
                     (cid, self._abstract_syntax[cid], self._refused_why[cid])
                     for cid in sorted(self._refused_contexts)
                 ),
+                tuple(
+                    (self._abstract_syntax[c.context_id], c.transfer_syntax)
+                    for c in ac.contexts
+                    if c.result == PC_ACCEPTANCE
+                ),
             ),
         ]
         # What only the set-up needed is not kept for the association's lifetime: a modality's
@@ -804,6 +821,15 @@ class Session:
             if command.message_id is not None and service is not None:
                 self._outstanding[command.message_id] = (service, sop_class, self._clock())
                 self._tally.of(service, sop_class).forwarded += 1
+            destination = command.move_destination
+            if (
+                service == "C-MOVE"
+                and destination
+                and destination not in self._destinations
+                and len(self._destinations) < MAX_MOVE_DESTINATIONS
+            ):
+                self._destinations.add(destination)
+                self._tally.move_destinations.add(destination)
             return FORWARD
         self._refusals += 1
         if self._max_refusals and self._refusals > self._max_refusals:

@@ -183,7 +183,9 @@ class _Facts:
 
     upstream: Record | None
     refused_contexts: list[Record]
+    contexts: list[Record] = field(default_factory=list)
     operations: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    move_destinations: set[str] = field(default_factory=set)
     instances_stored: int = 0
 
     def row(self, service: str, sop_class: str) -> list[int]:
@@ -200,6 +202,7 @@ class _Facts:
                 row[_INDEX[answer]] += getattr(counts, answer)
             if service == "C-STORE":
                 self.instances_stored += counts.success + counts.warning
+        self.move_destinations |= tally.move_destinations
 
 
 class AuditTrail:
@@ -285,7 +288,13 @@ class AuditTrail:
                 {"sop_class": name_of(uid), "sop_class_uid": uid, "reason": why}
                 for _, uid, why in event.refused_contexts
             ]
-            self._facts[id(info)] = _Facts(self._upstream_of_route.get(event.route), refused)
+            contexts = [
+                {"sop_class": name_of(uid), "sop_class_uid": uid, "transfer_syntax": ts}
+                for uid, ts in event.contexts
+            ]
+            self._facts[id(info)] = _Facts(
+                self._upstream_of_route.get(event.route), refused, contexts
+            )
         elif kind is AssociationEnded:
             assert isinstance(event, AssociationEnded)
             self._association_record(info, event)
@@ -378,7 +387,9 @@ class AuditTrail:
                 for (service, uid), counts in sorted(facts.operations.items() if facts else ())
             ],
             instances_stored=facts.instances_stored if facts is not None else 0,
+            contexts=facts.contexts if facts is not None else [],
             refused_contexts=facts.refused_contexts if facts is not None else [],
+            move_destinations=sorted(facts.move_destinations) if facts is not None else [],
         )
         self._submit(record)
 
