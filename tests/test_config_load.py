@@ -632,8 +632,8 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             "unused:\n",
             [
                 "rules.yaml:1: missing required key 'routes'",
-                "rules.yaml:9: unused: unknown key 'unused' "
-                "(allowed: mode, listeners, upstreams, peers, routes, limits, metrics, audit, workers)",
+                "rules.yaml:9: unused: unknown key 'unused' (allowed: mode, listeners, "
+                "upstreams, peers, routes, limits, metrics, audit, workers)",
             ],
             id="missing section",
         ),
