@@ -28,6 +28,8 @@ from tests.corehelpers import (
     data_pdv,
     joined,
     p_data,
+    pdv,
+    pdvs_of,
     release_rp,
     release_rq,
     split_at,
@@ -520,3 +522,47 @@ def test_a_late_refusal_raised_by_inspect_stops_the_feed() -> None:
     stream = DataStream(ACCEPTED, CAP, lambda _, c: HOLD if c.message_id == 1 else FORWARD, inspect)
     with pytest.raises(Late):
         stream.feed(wire(TRANSCRIPT[:4]))
+
+
+def pdv_sequence(stream: bytes) -> list[bytes]:
+    """The PDVs of every P-DATA-TF in ``stream``, and every other PDU whole, in order."""
+    items, pos = [], 0
+    while pos < len(stream):
+        length = int.from_bytes(stream[pos + 2 : pos + 6], "big")
+        pdu_bytes = stream[pos : pos + 6 + length]
+        if pdu_bytes[0] == 0x04:
+            items += [pdv(c, control, data) for c, control, data in pdvs_of(pdu_bytes)]
+        else:
+            items.append(pdu_bytes)
+        pos += 6 + length
+    return items
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_a_held_message_without_a_data_set_waits_for_settle(forward: bool) -> None:
+    inspector = Inspector(frozenset((2,)), HOLD)  # message 1: the C-ECHO (ID 2)
+    stream = inspector.stream()
+    out = joined(stream.feed(DATA))
+    assert out == wire(TRANSCRIPT[:4])  # the echo's PDU also carries message 2: both wait
+    rest = stream.take_unread()
+    settled = joined(stream.settle(forward))
+    assert settled == (p_data(command_pdv(ECHO, ECHO_2)) if forward else b"")
+    assert inspector.seen == []  # an echo has no data set to show
+    expected = expected_output(TRANSCRIPT, frozenset() if forward else frozenset({1}))
+    total = out + settled + joined(feed_all(stream, [rest]))
+    assert pdv_sequence(total) == pdv_sequence(expected)  # the same PDVs, framed anew
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_a_message_settled_while_its_data_set_still_arrives(forward: bool) -> None:
+    inspector = Inspector(frozenset((5,)), HOLD)  # message 4 (ID 5): five PDUs
+    stream = inspector.stream()
+    out = joined(stream.feed(wire(TRANSCRIPT[:10])))  # up to its first data PDU
+    assert out == wire(TRANSCRIPT[:7])
+    assert len(inspector.seen) == 2  # that PDU's two fragments
+    settled = joined(stream.settle(forward))
+    assert settled == (wire(TRANSCRIPT[7:10]) if forward else b"")
+    inspector.verdict, inspector.at = FORWARD, 3  # what inspect answers for the last fragment
+    after = joined(stream.feed(wire(TRANSCRIPT[10:])))
+    assert after == (wire(TRANSCRIPT[10:]) if forward else wire(TRANSCRIPT[11:]))
+    assert len(inspector.seen) == (3 if forward else 2)  # swallowed fragments are not shown

@@ -53,7 +53,8 @@ FORWARD: Final = 0
 #: Cut the message out, data set included (the firewall answers for it).
 SWALLOW: Final = 1
 #: Hold the message, and show each of its data-set fragments to ``Inspect`` until it answers
-#: otherwise. Once its data set has ended, the stream reads no further until ``settle``.
+#: otherwise (or ``settle`` decides). Once the message has ended (its command, when it has no
+#: data set), the stream reads no further until ``settle``.
 HOLD: Final = 2
 
 #: Called with each complete command: FORWARD, SWALLOW, or HOLD (for a message with a data set).
@@ -346,6 +347,9 @@ class DataStream:
             if control & _COMMAND:
                 _add_range(pending, pos, pdv_end)
                 verdict = self._command_fragment(context, control, pdu[pos + 6 : pdv_end], out)
+                if self._pending and self._state is _Message.IDLE:  # held, and complete
+                    self._stop_after(pdu, pdv_end)
+                    break
             elif self._state is _Message.INSPECTED:
                 self._check_data_context(context)
                 last = bool(control & _LAST)
@@ -361,11 +365,7 @@ class DataStream:
                     _add_range(kept, pos, pdv_end)
                     verdict = FORWARD
                 if last and self._pending:
-                    self._halted = True  # nothing more until ``settle``
-                    if pdv_end < end:
-                        rest = pdu[pdv_end:]
-                        self._unread = HEADER.pack(P_DATA_TF, len(rest)) + bytes(rest)
-                    pos = end
+                    self._stop_after(pdu, pdv_end)
                     break
                 if verdict == SWALLOW:
                     self._state = _Message.IDLE if last else _Message.DATA_SET
@@ -394,6 +394,14 @@ class DataStream:
         if kept:
             out.append(_framed(pdu, kept))
         self._flush_injected(out)
+
+    def _stop_after(self, pdu: memoryview, pdv_end: int) -> None:
+        """A held message has ended: read nothing more until ``settle``. The PDVs after it in
+        this PDU wait, framed as a PDU of their own, with the rest of the read."""
+        self._halted = True
+        if pdv_end < len(pdu):
+            rest = pdu[pdv_end:]
+            self._unread = HEADER.pack(P_DATA_TF, len(rest)) + bytes(rest)
 
     def _check_data_context(self, context: int) -> None:
         if context != self._context:
@@ -432,8 +440,8 @@ class DataStream:
             return HOLD
         command = decode_command(self._command)
         verdict = self._decide(context, command)
-        if verdict == HOLD and command.has_data_set:
-            self._state = _Message.INSPECTED
+        if verdict == HOLD:
+            self._state = _Message.INSPECTED if command.has_data_set else _Message.IDLE
             self._drop = False
             return HOLD
         forward = verdict != SWALLOW
@@ -457,12 +465,17 @@ class DataStream:
         self._pending = False
 
     def settle(self, forward: bool) -> list[Buffer]:
-        """The fate of a held message whose data set has ended, decided outside ``feed`` (an
-        external scan): what goes out now. Reading goes on with ``take_unread``."""
+        """The fate of the held message, decided outside ``feed`` (an answer that had to be
+        waited for): what goes out now. A message that has ended stopped the reading, which
+        goes on with ``take_unread``; one whose data set is still arriving is forwarded from
+        here on (its fragments still shown to ``inspect``) or swallowed to its end."""
         out: list[Buffer] = []
-        if self._pending and self._state is _Message.IDLE:
-            self._settle_held(forward, out)
-            self._flush_injected(out)
+        if not self._pending or self._state is _Message.COMMAND:
+            return out
+        self._settle_held(forward, out)
+        if self._state is _Message.INSPECTED and not forward:
+            self._state, self._drop = _Message.DATA_SET, True
+        self._flush_injected(out)
         return out
 
 
