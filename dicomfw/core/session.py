@@ -353,8 +353,13 @@ class Session:
         self._delay = 0.0  # the longest wait a request asked for while a stream was fed
         self._held: list[Buffer] | None = None  # for the upstream, until ``wakeup``
         self._backlog = False  # too many of our answers wait: the requester is not read
-        self._told_reading = True  # what the relay was last told about reading the requester
-        self._deferred = bytearray()  # from the requester while it is not read
+        #: A side's message is held until an answer comes from outside (``settle``): nothing
+        #: more of that side is read meanwhile.
+        self._settling: set[Side] = set()
+        #: What the relay was last told about reading each side (see ``_flow``).
+        self._told_reading = {Side.REQUESTER: True, Side.UPSTREAM: True}
+        #: What a side sent while it was not read.
+        self._deferred = {Side.REQUESTER: bytearray(), Side.UPSTREAM: bytearray()}
         self._max_refusals = max_refusals
         self._refusals = 0
         self._reported_by_why: dict[tuple[bool, str], int] = {}  # (monitored, why) -> reported
@@ -368,12 +373,11 @@ class Session:
     def receive(self, side: Side, data: bytes) -> list[Command]:
         """Bytes arrived from ``side``."""
         if self.state is State.ESTABLISHED:
-            if side is Side.REQUESTER and not self._reading_requester():
-                self._deferred += data
-                if len(self._deferred) > _MAX_DEFERRED_BYTES:
-                    return self._fail(
-                        side, RemoteProtocolError("too much data while the requester is paused")
-                    )
+            if not self._reading(side):
+                deferred = self._deferred[side]
+                deferred += data
+                if len(deferred) > _MAX_DEFERRED_BYTES:
+                    return self._fail(side, RemoteProtocolError("too much data while paused"))
                 return []
             return self._feed(side, data)
         try:
@@ -717,8 +721,8 @@ class Session:
         self._events = []
         forwarded = stream.feed(data)
         unread = stream.take_unread()
-        if unread:  # our answers to it pile up (``_decide_request``): the rest waits
-            self._deferred[:0] = unread
+        if unread:  # the stream halted (our answers pile up, a message is held): the rest waits
+            self._deferred[side][:0] = unread
         delay, self._delay = self._delay, 0.0
         commands: list[Command] = []
         if forwarded:
@@ -746,22 +750,25 @@ class Session:
             self._backlog = False
         return commands + self._flow()
 
-    def _reading_requester(self) -> bool:
-        return self._held is None and not self._backlog
+    def _reading(self, side: Side) -> bool:
+        if side is Side.REQUESTER and (self._held is not None or self._backlog):
+            return False
+        return side not in self._settling
 
     def _flow(self) -> list[Command]:
-        """Once the requester may be read again, what it sent meanwhile comes first; then the
-        relay is told whether to read it, when that changed since it was last told."""
+        """Once a side may be read again, what it sent meanwhile comes first; then the relay is
+        told whether to read each side, where that changed since it was last told."""
         commands: list[Command] = []
-        if self._deferred and self._reading_requester():
-            deferred, self._deferred = bytes(self._deferred), bytearray()
-            commands += self._feed(Side.REQUESTER, deferred)
-        reading = self._reading_requester()
-        if self.state is State.ESTABLISHED and reading is not self._told_reading:
-            self._told_reading = reading
-            commands.append(
-                ResumeReading(Side.REQUESTER) if reading else PauseReading(Side.REQUESTER)
-            )
+        for side in (Side.REQUESTER, Side.UPSTREAM):
+            deferred = self._deferred[side]
+            if deferred and self._reading(side) and self.state is State.ESTABLISHED:
+                self._deferred[side] = bytearray()
+                commands += self._feed(side, bytes(deferred))
+        for side in (Side.REQUESTER, Side.UPSTREAM):
+            reading = self._reading(side)
+            if self.state is State.ESTABLISHED and reading is not self._told_reading[side]:
+                self._told_reading[side] = reading
+                commands.append(ResumeReading(side) if reading else PauseReading(side))
         return commands
 
     def _control(self, side: Side, pdu_types: list[int]) -> list[Command]:
@@ -911,7 +918,8 @@ class Session:
         """A-ABORT every side that is connected; ``culprit`` (if any) gets the PS3.8 reason."""
         previous = self.state
         self.state = State.CLOSED
-        self._replies, self._held, self._deferred = [], None, bytearray()
+        self._replies, self._held = [], None
+        self._deferred = {Side.REQUESTER: bytearray(), Side.UPSTREAM: bytearray()}
         commands: list[Command] = []
         for side in (Side.REQUESTER, Side.UPSTREAM):
             if side is Side.UPSTREAM and previous is State.AWAIT_UPSTREAM:

@@ -239,7 +239,7 @@ class Association(asyncio.Protocol):
         self._gate = gate  # this connection's lease on the relay's rate limits and caps
         self._wakeup: asyncio.TimerHandle | None = None  # a delayed request's timer
         self._full: set[Side] = set()  # sides whose write buffer is over its high-water mark
-        self._session_pauses_requester = False  # ``PauseReading`` until ``ResumeReading``
+        self._session_pauses: set[Side] = set()  # ``PauseReading`` until ``ResumeReading``
         # Sides that speak TLS: what is written to them goes in pieces of TLS_WRITE_BYTES.
         self._requester_tls = False
         self._upstream_tls = False
@@ -375,13 +375,14 @@ class Association(asyncio.Protocol):
         self._update_reading(Side.UPSTREAM)
 
     def _update_reading(self, side: Side) -> None:
-        """Read ``side`` unless backpressure or (the requester) the session says not to."""
+        """Read ``side`` unless backpressure or the session says not to."""
         transport = self._transports.get(side)
         if transport is None:
             return
-        paused = side.other in self._full or (
-            side is Side.REQUESTER
-            and (Side.REQUESTER in self._full or self._session_pauses_requester)
+        paused = (
+            side.other in self._full
+            or side in self._session_pauses
+            or (side is Side.REQUESTER and Side.REQUESTER in self._full)
         )
         if paused:
             if transport.is_reading():
@@ -435,9 +436,14 @@ class Association(asyncio.Protocol):
             elif kind is Wakeup:
                 assert isinstance(command, Wakeup)
                 self._wakeup = self._loop.call_later(command.delay, self._wake)
-            elif kind is PauseReading or kind is ResumeReading:
-                self._session_pauses_requester = kind is PauseReading
-                self._update_reading(Side.REQUESTER)
+            elif kind is PauseReading:
+                assert isinstance(command, PauseReading)
+                self._session_pauses.add(command.side)
+                self._update_reading(command.side)
+            elif kind is ResumeReading:
+                assert isinstance(command, ResumeReading)
+                self._session_pauses.discard(command.side)
+                self._update_reading(command.side)
             else:
                 if self.info.calling_ae is None:  # learnt from the A-ASSOCIATE-RQ, once
                     self._identify()
