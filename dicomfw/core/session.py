@@ -56,8 +56,8 @@ from dicomfw.core.policy import (
     Reject,
     Route,
 )
-from dicomfw.core.ratelimit import Delay, Gate
-from dicomfw.core.stream import FORWARD, SWALLOW, Buffer, DataStream
+from dicomfw.core.ratelimit import AssociationQuery, Delay, Gate, LimitQuery, RequestQuery
+from dicomfw.core.stream import FORWARD, HOLD, SWALLOW, Buffer, DataStream
 from dicomfw.errors import LocalProtocolError, RemoteProtocolError
 
 _PENDING_STATUSES: Final = frozenset((0xFF00, 0xFF01))
@@ -92,6 +92,7 @@ class Side(enum.Enum):
 
 class State(enum.Enum):
     AWAIT_RQ = "await_rq"
+    AWAIT_LIMITS = "await_limits"  # a shared limit store decides (``CheckLimits``)
     AWAIT_UPSTREAM = "await_upstream"
     AWAIT_AC = "await_ac"
     ESTABLISHED = "established"
@@ -134,11 +135,21 @@ class ResumeReading:
 
 @dataclass(frozen=True, slots=True)
 class Wakeup:
-    """A request is over its rate (``request_limit_action: delay``): forward nothing more to
-    the upstream, and stop reading from the requester, until ``Session.wakeup`` after
-    ``delay`` seconds. Only this association waits."""
+    """A request is over its rate (``request_limit_action: delay``): it is held, and nothing
+    after it read, until ``Session.wakeup`` after ``delay`` seconds. Only this association
+    waits."""
 
     delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class CheckLimits:
+    """Ask the shared limit store (``Limiter(shared=True)``) and give its answer to
+    ``Session.limits_answered``: a ``Reject`` or None for an ``AssociationQuery``; a
+    ``Refuse``, a ``Delay`` or None for a ``RequestQuery``. Meanwhile the association (or
+    the request, and what follows it) waits."""
+
+    query: LimitQuery
 
 
 # ---- events: what happened, for logs, audit and metrics ----------------------------------------
@@ -288,11 +299,52 @@ Event = (
     | RequestTally
     | AssociationEnded
 )
-Command = Send | ConnectUpstream | Close | Wakeup | PauseReading | ResumeReading | Event
+Command = (
+    Send | ConnectUpstream | Close | Wakeup | CheckLimits | PauseReading | ResumeReading | Event
+)
 
 
 def _zero() -> float:
     return 0.0
+
+
+def _peer_name(decision: Accept | Reject) -> str | None:
+    """The AE title the limits count an accepted association under ("" for a calling AE no
+    peer has, let through in monitor mode); None when the policy rejected it."""
+    if isinstance(decision, Reject):
+        return None
+    return decision.peer.ae_title if decision.peer is not None else ""
+
+
+def _would_refuse_request(stage: str, refusal: Refuse, hold: _Hold) -> WouldRefuse:
+    service = SERVICE_BY_COMMAND.get(hold.command.command_field, "unknown")
+    answer = f"0x{refusal.status:04X}" if refusal.status else "delayed"
+    return WouldRefuse(stage, refusal.why, refusal.detail, answer, service, hold.sop_class)
+
+
+class _Hold:
+    """A message one side's stream holds (``HOLD``) until every answer it waits for has come:
+    a request rate's delay, the shared limit store's answer. At most one per side: the
+    messages of a direction follow each other."""
+
+    __slots__ = ("command", "context_id", "delayed", "ended", "held", "sop_class", "waiting")
+
+    def __init__(self, context_id: int, command: DimseCommand, sop_class: str) -> None:
+        self.context_id = context_id
+        self.command = command
+        self.sop_class = sop_class
+        self.delayed = False  # a ``Wakeup`` is due
+        self.waiting = False  # the shared limit store's answer is due
+        self.held = 0  # data-set bytes held
+        self.ended = False  # the whole message has been read
+
+    @property
+    def ready(self) -> bool:
+        return not (self.delayed or self.waiting)
+
+
+#: What a message held for an answer may buffer before its side is no longer read.
+MAX_HELD_BYTES: Final = 1_048_576
 
 
 class _CutOff(Exception):
@@ -350,8 +402,8 @@ class Session:
         self._gate = gate
         self._clock: Callable[[], float] = clock or _zero
         self._timed = clock is not None  # round trips are measured
-        self._delay = 0.0  # the longest wait a request asked for while a stream was fed
-        self._held: list[Buffer] | None = None  # for the upstream, until ``wakeup``
+        self._holds: dict[Side, _Hold] = {}  # the message each side's stream holds
+        self._pending_rq: tuple[Accept | Reject, bytes] | None = None  # during AWAIT_LIMITS
         self._backlog = False  # too many of our answers wait: the requester is not read
         #: A side's message is held until an answer comes from outside (``settle``): nothing
         #: more of that side is read meanwhile.
@@ -385,7 +437,11 @@ class Session:
                 return self._await_rq(data)
             if self.state is State.AWAIT_AC and side is Side.UPSTREAM:
                 return self._await_ac(data)
-            if side is Side.REQUESTER and self.state in (State.AWAIT_UPSTREAM, State.AWAIT_AC):
+            if side is Side.REQUESTER and self.state in (
+                State.AWAIT_LIMITS,
+                State.AWAIT_UPSTREAM,
+                State.AWAIT_AC,
+            ):
                 self._early += data
                 if len(self._early) > _MAX_EARLY_BYTES:
                     raise RemoteProtocolError("requester sent data before the A-ASSOCIATE-AC", 2)
@@ -417,15 +473,39 @@ class Session:
     @property
     def holding(self) -> bool:
         """A delayed request waits for ``wakeup`` (waiting for it is not idleness)."""
-        return self._held is not None
+        hold = self._holds.get(Side.REQUESTER)
+        return hold is not None and hold.delayed
 
     def wakeup(self) -> list[Command]:
         """The ``Wakeup`` delay has passed: forward the held request, then what the requester
         sent meanwhile (which may hold again)."""
-        held, self._held = self._held, None
-        if held is None or self.state is not State.ESTABLISHED:
+        hold = self._holds.get(Side.REQUESTER)
+        if hold is None or not hold.delayed or self.state is not State.ESTABLISHED:
             return []
-        return [Send(Side.UPSTREAM, held), *self._flow()]
+        hold.delayed = False
+        return self._answered(Side.REQUESTER, hold)
+
+    def limits_answered(self, answer: Reject | Refuse | Delay | None) -> list[Command]:
+        """The shared limit store's answer to the last ``CheckLimits``."""
+        if self.state is State.AWAIT_LIMITS:
+            assert self._pending_rq is not None and self._rq is not None
+            (decision, rest), self._pending_rq = self._pending_rq, None
+            over = answer if isinstance(answer, Reject) else None
+            return self._admit(self._rq, decision, over, rest)
+        hold = self._holds.get(Side.REQUESTER)
+        if self.state is not State.ESTABLISHED or hold is None or not hold.waiting:
+            return []  # the association ended meanwhile
+        hold.waiting = False
+        assert self.route is not None
+        monitor = self.route.mode == MONITOR
+        if isinstance(answer, Refuse) and monitor:
+            self._report(_would_refuse_request("limit", answer, hold))
+        elif isinstance(answer, Refuse):
+            return self._refuse_held(hold, answer)
+        elif isinstance(answer, Delay) and answer.seconds and not monitor:
+            hold.delayed = True
+            return [Wakeup(answer.seconds)]
+        return self._answered(Side.REQUESTER, hold)
 
     def upstream_connected(self) -> list[Command]:
         if self.state is not State.AWAIT_UPSTREAM:
@@ -447,13 +527,13 @@ class Session:
             return []
         previous = self.state
         self.state = State.CLOSED
-        if previous in (State.AWAIT_RQ, State.AWAIT_UPSTREAM) or (
+        if previous in (State.AWAIT_RQ, State.AWAIT_LIMITS, State.AWAIT_UPSTREAM) or (
             side is Side.UPSTREAM and (previous is State.AWAIT_AC)
         ):
             commands: list[Command] = [Close(Side.REQUESTER)]
             if previous is State.AWAIT_AC:
                 commands.insert(0, Send(Side.REQUESTER, [pdu.abort()]))
-            if previous is not State.AWAIT_RQ:
+            if previous not in (State.AWAIT_RQ, State.AWAIT_LIMITS):
                 commands.append(Close(Side.UPSTREAM))
             return [*commands, AssociationEnded("closed", f"{side.value}_closed_during_setup")]
         if self._released:
@@ -493,31 +573,48 @@ class Session:
         rq = acse.decode_rq(raw)
         self._rq = rq
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
-        # The address's association rate comes first (in enforce mode the answer), so it also
-        # slows down AE title guessing.
-        over = self._gate.source(self._clock()) if self._gate is not None else None
         decision = self.policy.decide_association(
             self.listener, self.address, rq.calling_ae, rq.called_ae, self.identity
         )
+        rest = self._rest_after(pdus)
+        gate = self._gate
+        monitor = isinstance(decision, Accept) and decision.route.mode == MONITOR
+        peer = _peer_name(decision)
+        if gate is not None and gate.shared:
+            source = gate.source_key
+            assert source is not None
+            self._pending_rq = (decision, rest)
+            self.state = State.AWAIT_LIMITS
+            return [CheckLimits(AssociationQuery(self.listener, source, peer, not monitor))]
+        # The address's association rate comes first (in enforce mode the answer), so it also
+        # slows down AE title guessing.
+        over = gate.source(self._clock()) if gate is not None else None
+        if over is None and gate is not None and peer is not None:
+            over = gate.admit(peer, self._clock(), enforce=not monitor)
+        return self._admit(rq, decision, over, rest)
+
+    def _admit(
+        self, rq: acse.AssociateRQ, decision: Accept | Reject, over: Reject | None, rest: bytes
+    ) -> list[Command]:
+        """The policy's and the limits' answers to an A-ASSOCIATE-RQ: reject, or go upstream
+        (in monitor mode with what enforce mode would have rejected it for)."""
         monitor = isinstance(decision, Accept) and decision.route.mode == MONITOR
         if over is not None and not monitor:
             return self._reject(over)
         if isinstance(decision, Reject):
             return self._reject(decision)
+        gate = self._gate
+        peer = _peer_name(decision)
+        if gate is not None and gate.shared and peer is not None:
+            # the store admitted it: count it here too, for when the store cannot answer
+            gate.admit(peer, self._clock(), enforce=False)
         objections = [("association", reject) for reject in decision.objections]
         if over is not None:
             objections.append(("limit", over))
-        if self._gate is not None:
-            peer = decision.peer.ae_title if decision.peer is not None else ""
-            over = self._gate.admit(peer, self._clock(), enforce=not monitor)
-            if over is not None and not monitor:
-                return self._reject(over)
-            if over is not None:
-                objections.append(("limit", over))
         for stage, reject in objections:
             answer = f"A-ASSOCIATE-RJ {reject.result}/{reject.source}/{reject.reason}"
             self._report(WouldRefuse(stage, reject.why, reject.detail, answer))
-        return self._propose_upstream(rq, decision, self._rest_after(pdus))
+        return self._propose_upstream(rq, decision, rest)
 
     def _propose_upstream(self, rq: acse.AssociateRQ, accept: Accept, rest: bytes) -> list[Command]:
         route = accept.route
@@ -630,7 +727,9 @@ class Session:
                     pdu.ABORT_INVALID_PARAMETER,
                 )
         accepted = frozenset(c.context_id for c in ac.contexts if c.result == PC_ACCEPTANCE)
-        self._to_upstream = DataStream(accepted, self._max_pdu, self._decide_request)
+        self._to_upstream = DataStream(
+            accepted, self._max_pdu, self._decide_request, self._inspect_request
+        )
         self._to_requester = DataStream(accepted, self._max_pdu, self._observe_upstream)
         self.state = State.ESTABLISHED
         ac_for_requester = acse.encode_ac_for_requester(
@@ -723,14 +822,11 @@ class Session:
         unread = stream.take_unread()
         if unread:  # the stream halted (our answers pile up, a message is held): the rest waits
             self._deferred[side][:0] = unread
-        delay, self._delay = self._delay, 0.0
+        if stream.waiting:  # a held message has ended: nothing more until its answer
+            self._settling.add(side)
         commands: list[Command] = []
         if forwarded:
-            if delay and not stream.control_pdus:  # a release or abort is not held up
-                self._held = forwarded
-                commands.append(Wakeup(delay))
-            else:
-                commands.append(Send(side.other, forwarded))
+            commands.append(Send(side.other, forwarded))
         if self._replies:
             commands.append(Send(Side.REQUESTER, self._replies))
             self._replies = []
@@ -751,7 +847,7 @@ class Session:
         return commands + self._flow()
 
     def _reading(self, side: Side) -> bool:
-        if side is Side.REQUESTER and (self._held is not None or self._backlog):
+        if side is Side.REQUESTER and self._backlog:
             return False
         return side not in self._settling
 
@@ -793,75 +889,141 @@ class Session:
             return FORWARD
         route = self.route
         assert route is not None
+        monitor = route.mode == MONITOR
         service = SERVICE_BY_COMMAND.get(command.command_field)
         sop_class = command.sop_class or self._abstract_syntax.get(context_id, "")
         stage = "request"
         if service is None:
-            decision: Refuse | None = Refuse(
+            refusal: Refuse | None = Refuse(
                 0x0211, "unrecognized_operation", f"command 0x{command.command_field:04x}"
             )
         else:
             verdict = self.policy.decide_request(
                 route, service, sop_class, command.move_destination
             )
-            decision = None if isinstance(verdict, Allow) else verdict
-            if decision is None and self._gate is not None:
-                metered = self._gate.request(service, self._clock())
-                stage = "limit"
-                if isinstance(metered, Delay) and route.mode != MONITOR:
-                    self._delay = max(self._delay, metered.seconds)
-                elif isinstance(metered, Delay):
-                    decision = Refuse(
-                        0, "request_rate_exceeded", f"would wait {metered.seconds:.1f} s"
-                    )
-                else:
-                    decision = metered
-        if decision is not None and route.mode == MONITOR:
-            answer = f"0x{decision.status:04X}" if decision.status else "delayed"
-            self._report(
-                WouldRefuse(
-                    stage, decision.why, decision.detail, answer, service or "unknown", sop_class
-                )
-            )
-            decision = None
-        if decision is None:
-            if command.message_id is not None and service is not None:
-                self._outstanding[command.message_id] = (service, sop_class, self._clock())
-                self._tally.of(service, sop_class).forwarded += 1
-            destination = command.move_destination
-            if (
-                service == "C-MOVE"
-                and destination
-                and destination not in self._destinations
-                and len(self._destinations) < MAX_MOVE_DESTINATIONS
+            refusal = None if isinstance(verdict, Allow) else verdict
+        hold: _Hold | None = None
+        gate = self._gate
+        if refusal is None and service is not None and gate is not None:
+            metered = gate.request(service, self._clock())
+            if isinstance(metered, Refuse):
+                refusal, stage = metered, "limit"
+            elif isinstance(metered, Delay) and monitor:
+                delayed = Refuse(0, "request_rate_exceeded", f"would wait {metered.seconds:.1f} s")
+                self._report(WouldRefuse("limit", delayed.why, delayed.detail, "delayed", service))
+            elif isinstance(metered, Delay):
+                hold = _Hold(context_id, command, sop_class)
+                hold.delayed = True
+                self._events.append(Wakeup(metered.seconds))
+            if refusal is None and gate.shared_request_rate(service):
+                hold = hold or _Hold(context_id, command, sop_class)
+                hold.waiting = True
+                query = RequestQuery(self.listener, gate.peer or "", service, not monitor)
+                self._events.append(CheckLimits(query))
+        if refusal is not None and monitor:
+            stand_in = _Hold(context_id, command, sop_class)
+            self._report(_would_refuse_request(stage, refusal, stand_in))
+            refusal = None
+        if refusal is not None:
+            self._refuse_request(context_id, command, sop_class, refusal)
+            if self._to_requester is not None and (
+                self._to_requester.queued_bytes > MAX_QUEUED_REPLY_BYTES
             ):
-                self._destinations.add(destination)
-                self._tally.move_destinations.add(destination)
-            return FORWARD
+                assert self._to_upstream is not None
+                self._to_upstream.halt()  # read no more of the requester until they have gone
+            return SWALLOW
+        if hold is not None:
+            self._holds[Side.REQUESTER] = hold
+            return HOLD
+        self._forwarded(context_id, command, sop_class)
+        return FORWARD
+
+    def _forwarded(self, context_id: int, command: DimseCommand, sop_class: str) -> None:
+        """A request of the requester goes to the upstream: count it, time its answer."""
+        service = SERVICE_BY_COMMAND.get(command.command_field)
+        if command.message_id is not None and service is not None:
+            self._outstanding[command.message_id] = (service, sop_class, self._clock())
+            self._tally.of(service, sop_class).forwarded += 1
+        destination = command.move_destination
+        if (
+            service == "C-MOVE"
+            and destination
+            and destination not in self._destinations
+            and len(self._destinations) < MAX_MOVE_DESTINATIONS
+        ):
+            self._destinations.add(destination)
+            self._tally.move_destinations.add(destination)
+
+    def _refuse_request(
+        self, context_id: int, command: DimseCommand, sop_class: str, refusal: Refuse
+    ) -> None:
+        """Answer a request of the requester ourselves, with ``refusal``'s status; past
+        ``max_refusals`` cut the requester off instead (``_CutOff``)."""
         self._refusals += 1
         if self._max_refusals and self._refusals > self._max_refusals:
             raise _CutOff(f"more than {self._max_refusals} requests refused on one association")
         assert self._to_requester is not None
         # The Error Comment tells the modality's operator it was the firewall, without
         # revealing rule names to whoever is on the other end.
-        response = encode_response(command, decision.status, f"dicomfw: {decision.why}")
+        response = encode_response(command, refusal.status, f"dicomfw: {refusal.why}")
         self._replies += self._to_requester.inject(
             pdu.p_data_tf([pdu.pdv(context_id, 0x03, response)])
         )
-        if self._to_requester.queued_bytes > MAX_QUEUED_REPLY_BYTES:
-            assert self._to_upstream is not None
-            self._to_upstream.halt()  # read no more of the requester until they have gone out
         self._report(
             RequestRefused(
-                service or "unknown",
+                SERVICE_BY_COMMAND.get(command.command_field, "unknown"),
                 sop_class,
-                decision.status,
-                decision.why,
-                decision.detail,
+                refusal.status,
+                refusal.why,
+                refusal.detail,
                 command.message_id,
             )
         )
-        return SWALLOW
+
+    def _inspect_request(self, fragment: memoryview, last: bool) -> int:
+        """A data-set fragment of a request the requester's stream holds. Past
+        ``MAX_HELD_BYTES`` the requester is no longer read until the answers have come."""
+        hold = self._holds.get(Side.REQUESTER)
+        if hold is None:
+            return FORWARD
+        hold.held += len(fragment)
+        hold.ended = last
+        if hold.held > MAX_HELD_BYTES and not last:
+            assert self._to_upstream is not None
+            self._to_upstream.halt()
+            self._settling.add(Side.REQUESTER)
+        return HOLD
+
+    def _answered(self, side: Side, hold: _Hold) -> list[Command]:
+        """An answer a held message waited for came: once all have, it goes on its way."""
+        if not hold.ready:
+            return []
+        assert self._to_upstream is not None
+        out = self._to_upstream.settle(True)
+        del self._holds[side]
+        self._settling.discard(side)
+        self._forwarded(hold.context_id, hold.command, hold.sop_class)
+        commands: list[Command] = [Send(Side.UPSTREAM, out)] if out else []
+        return commands + self._flow()
+
+    def _refuse_held(self, hold: _Hold, refusal: Refuse) -> list[Command]:
+        """The shared store refused a held request: cut it out and answer it ourselves."""
+        assert self._to_upstream is not None
+        out = self._to_upstream.settle(False)
+        del self._holds[Side.REQUESTER]
+        self._settling.discard(Side.REQUESTER)
+        self._events = []
+        commands: list[Command] = [Send(Side.UPSTREAM, out)] if out else []
+        try:
+            self._refuse_request(hold.context_id, hold.command, hold.sop_class, refusal)
+        except _CutOff as cut:
+            reason = pdu.ABORT_REASON_NOT_SPECIFIED
+            return commands + self._end_feed(Side.REQUESTER, reason, "too_many_refusals", str(cut))
+        replies, self._replies = self._replies, []
+        if replies:
+            commands.append(Send(Side.REQUESTER, replies))
+        events, self._events = self._events, []
+        return commands + events + self._flow()
 
     def _report(self, event: RequestRefused | WouldRefuse) -> None:
         """Report a refusal (or what monitor mode let pass), or past
@@ -918,7 +1080,7 @@ class Session:
         """A-ABORT every side that is connected; ``culprit`` (if any) gets the PS3.8 reason."""
         previous = self.state
         self.state = State.CLOSED
-        self._replies, self._held = [], None
+        self._replies, self._holds = [], {}
         self._deferred = {Side.REQUESTER: bytearray(), Side.UPSTREAM: bytearray()}
         commands: list[Command] = []
         for side in (Side.REQUESTER, Side.UPSTREAM):

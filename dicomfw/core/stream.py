@@ -140,6 +140,11 @@ class DataStream:
         return self._state is _Message.IDLE and not self._left and not self._pending
 
     @property
+    def waiting(self) -> bool:
+        """A held message has ended and the stream reads nothing more until ``settle``."""
+        return self._pending and self._state is _Message.IDLE
+
+    @property
     def queued_bytes(self) -> int:
         """Bytes of our own PDUs waiting for the next message boundary (see ``inject``)."""
         return self._injected

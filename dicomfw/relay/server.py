@@ -19,14 +19,15 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 from dicomfw.config.model import Config, Listener
-from dicomfw.core.policy import MONITOR, IPAddress, PresentedIdentity, in_networks
+from dicomfw.core.policy import MONITOR, IPAddress, PresentedIdentity, Refuse, Reject, in_networks
 from dicomfw.core.proxy import InvalidProxyHeader, ProxyHeader, ProxyHeaderReader
-from dicomfw.core.ratelimit import Gate, Limiter
+from dicomfw.core.ratelimit import Delay, Gate, Limiter, LimitQuery
 from dicomfw.core.session import (
     AssociationEnded,
+    CheckLimits,
     Close,
     Command,
     ConnectUpstream,
@@ -116,6 +117,13 @@ class AssociationInfo:
 
 
 Observer = Callable[[AssociationInfo, "Event | Refused"], None]
+
+
+class LimitStore(Protocol):
+    """Where the association limits and per-peer request rates of every instance are kept
+    (``Limiter(shared=True)``): one atomic decision per query."""
+
+    async def decide(self, query: LimitQuery, gate: Gate) -> Reject | Refuse | Delay | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +308,16 @@ class Association(asyncio.Protocol):
             commands = _internal_error(session, error)
         self._execute(commands)
 
+    async def _check_limits(self, query: LimitQuery) -> None:
+        """Ask the relay's shared limit store; without one (or when it cannot answer and the
+        rules say ``fail: open``) this process answers from its own counters."""
+        store = self._relay.limit_store
+        if store is None:
+            answer = self._gate.decide_locally(query, time.monotonic())
+        else:
+            answer = await store.decide(query, self._gate)
+        self._step(lambda session: session.limits_answered(answer))
+
     async def _connect(self, name: str) -> None:
         config = self._runtime.config
         upstream = config.upstream(name)
@@ -436,6 +454,9 @@ class Association(asyncio.Protocol):
             elif kind is Wakeup:
                 assert isinstance(command, Wakeup)
                 self._wakeup = self._loop.call_later(command.delay, self._wake)
+            elif kind is CheckLimits:
+                assert isinstance(command, CheckLimits)
+                self._spawn(self._check_limits(command.query))
             elif kind is PauseReading:
                 assert isinstance(command, PauseReading)
                 self._session_pauses.add(command.side)
@@ -608,6 +629,7 @@ class Relay:
         self.connections = 0  # accepted so far, refused ones included
         self.read_buffer = memoryview(bytearray(READ_BYTES))  # see ``_TlsReads``
         self.limiter = Limiter()  # survives reloads: counts of open associations stay true
+        self.limit_store: LimitStore | None = None  # with ``Limiter(shared=True)``
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
