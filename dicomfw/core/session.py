@@ -5,7 +5,8 @@ side, upstream connected or failed, a side closed, a timer fired) and it answers
 (send these bytes to that side, connect the upstream, close a side) and events for audit and
 metrics. It never touches a socket or a clock, so every rule and every refusal is tested on bytes.
 
-States: AWAIT_RQ → (policy) → AWAIT_UPSTREAM → AWAIT_AC → ESTABLISHED → CLOSED. The firewall
+States: AWAIT_RQ → (policy) → [AWAIT_LIMITS] → AWAIT_UPSTREAM → AWAIT_AC → ESTABLISHED → CLOSED
+(AWAIT_LIMITS only when a shared store decides the limits: ``CheckLimits``). The firewall
 answers on its own only with refusals (A-ASSOCIATE-RJ, a failure *-RSP) or an A-ABORT: it never
 acknowledges anything the upstream did not.
 
@@ -18,10 +19,11 @@ The contract, which the property tests check on arbitrary input:
   answers with no command at all.
 * What a session holds is bounded by its configuration, not by what peers send: the PDU cap
   (one PDU in reassembly per direction), ``MAX_COMMAND_BYTES`` for a command in reassembly,
-  ``_MAX_EARLY_BYTES`` before the association is up, ``_MAX_DEFERRED_BYTES`` while the requester
-  is not read, and ``MAX_QUEUED_REPLY_BYTES`` of the firewall's own answers waiting for the
-  upstream's message to end (beyond it the session asks the relay to stop reading the
-  requester: ``PauseReading``). Refused requests are reported one by one up to
+  ``_MAX_EARLY_BYTES`` before the association is up, ``_MAX_DEFERRED_BYTES`` while a side is not
+  read, ``MAX_HELD_BYTES`` of a message held for an answer (a request rate's delay, the shared
+  limit store), and ``MAX_QUEUED_REPLY_BYTES`` of the firewall's own answers waiting for the
+  upstream's message to end; beyond these the session asks the relay to stop reading that side
+  (``PauseReading``), and TCP holds the rest back at the peer. Refused requests are reported one by one up to
   ``REFUSALS_REPORTED_ONE_BY_ONE`` of a kind, then as counts; past ``max_refusals`` the
   requester is cut off.
 """
