@@ -23,9 +23,9 @@ The contract, which the property tests check on arbitrary input:
   read, ``MAX_HELD_BYTES`` of a message held for an answer (a request rate's delay, the shared
   limit store), and ``MAX_QUEUED_REPLY_BYTES`` of the firewall's own answers waiting for the
   upstream's message to end; beyond these the session asks the relay to stop reading that side
-  (``PauseReading``), and TCP holds the rest back at the peer. Refused requests are reported one by one up to
-  ``REFUSALS_REPORTED_ONE_BY_ONE`` of a kind, then as counts; past ``max_refusals`` the
-  requester is cut off.
+  (``PauseReading``), and TCP holds the rest back at the peer. Refused requests are reported
+  one by one up to ``REFUSALS_REPORTED_ONE_BY_ONE`` of a kind, then as counts; past
+  ``max_refusals`` the requester is cut off.
 """
 
 from __future__ import annotations
@@ -285,7 +285,9 @@ class RequestTally:
 
 @dataclass(frozen=True, slots=True)
 class AssociationEnded:
-    """``how`` is 'released', 'aborted' or 'closed'; ``why`` is stable, ``detail`` human."""
+    """``how`` is 'released', 'aborted', 'closed' (during set-up, nothing to abort) or 'probe'
+    (connected and closed without sending a byte: a health check); ``why`` is stable,
+    ``detail`` human."""
 
     how: str
     why: str
@@ -387,6 +389,7 @@ class Session:
         self._max_pdu = max_pdu_length
         self._setup = pdu.PduBuffer(max_pdu_length)
         self._early = bytearray()  # requester bytes that arrived before the association was up
+        self._spoke = False  # the requester sent a byte
         self._rq: acse.AssociateRQ | None = None
         self._upstream_rq = b""
         self._narrowed: dict[int, tuple[str, ...]] = {}  # transfer syntaxes proposed upstream
@@ -533,11 +536,16 @@ class Session:
             side is Side.UPSTREAM and (previous is State.AWAIT_AC)
         ):
             commands: list[Command] = [Close(Side.REQUESTER)]
-            if previous is State.AWAIT_AC:
+            how = "closed"
+            if previous is State.AWAIT_AC:  # the requester is told: its association is gone
                 commands.insert(0, Send(Side.REQUESTER, [pdu.abort()]))
+                how = "aborted"
             if previous not in (State.AWAIT_RQ, State.AWAIT_LIMITS):
                 commands.append(Close(Side.UPSTREAM))
-            return [*commands, AssociationEnded("closed", f"{side.value}_closed_during_setup")]
+            if previous is State.AWAIT_RQ and not self._spoke:
+                # connect and close, not a byte sent: a balancer's or a monitor's health check
+                return [*commands, AssociationEnded("probe", "closed_without_a_byte")]
+            return [*commands, AssociationEnded(how, f"{side.value}_closed_during_setup")]
         if self._released:
             return [Close(side.other), AssociationEnded("released", "released")]
         return [
@@ -564,6 +572,7 @@ class Session:
     # ---- association set-up --------------------------------------------------------------------
 
     def _await_rq(self, data: bytes) -> list[Command]:
+        self._spoke = self._spoke or bool(data)
         pdus = self._setup.feed(data)
         if not pdus:
             return []

@@ -297,7 +297,8 @@ class AuditTrail:
             )
         elif kind is AssociationEnded:
             assert isinstance(event, AssociationEnded)
-            self._association_record(info, event)
+            if event.how != "probe":  # a health check said nothing: counted, not audited
+                self._association_record(info, event)
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
             record = _who(self._pid, info, "association_rejected")

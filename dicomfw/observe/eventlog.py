@@ -32,6 +32,7 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
     if kind is RequestTally:  # about once a second per association: keep it cheap
         assert isinstance(event, RequestTally)
         info.requests += sum(counts.completed for counts in event.counts.values())
+        info.requests_sent += sum(counts.forwarded for counts in event.counts.values())
         return
     if kind is RequestFailed:  # the audit trail records each one
         return
@@ -111,6 +112,9 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             count=event.count,
             detail=event.detail,
         )
+    elif isinstance(event, AssociationEnded) and event.how == "probe":
+        # a balancer's or a monitor's health check: connected, closed, said nothing
+        log_event(log, logging.INFO, "probe", **where)
     elif isinstance(event, AssociationEnded):
         log_event(
             log,
@@ -123,7 +127,8 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             why=event.why,
             detail=event.detail or None,
             seconds=round(time.monotonic() - info.started, 3),
-            bytes_in=info.bytes_from_requester,
-            bytes_out=info.bytes_from_upstream,
-            requests=info.requests,
+            bytes_from_requester=info.bytes_from_requester,
+            bytes_from_upstream=info.bytes_from_upstream,
+            requests_sent=info.requests_sent,
+            requests_answered=info.requests,
         )

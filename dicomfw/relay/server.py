@@ -113,6 +113,7 @@ class AssociationInfo:
     called_ae: str | None = None
     route: str | None = None
     requests: int = 0  # requests the upstream answered with a final status
+    requests_sent: int = 0  # requests passed to the upstream
     proxied_by: IPAddress | None = None  # the balancer, when ``address`` came in a PROXY header
 
 
