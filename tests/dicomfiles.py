@@ -21,7 +21,7 @@ from dicomfw.core.dataset import ITEM, UNDEFINED
 from dicomfw.core.dictionary import SQ, vr_code
 
 DATA = Path(pydicom.__file__).parent / "data"
-_NOT_DICOM = {".py", ".txt", ".json", ".dump", ".icc", ".gz", ".pyc"}
+_NOT_DICOM = {".py", ".txt", ".json", ".dump", ".icc", ".gz", ".pyc", ".md"}
 _LONG = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV"}
 
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -97,14 +97,13 @@ def _trace(ds: Dataset, depth: int, implicit: bool, out: list[tuple[int, int, in
             assert isinstance(raw, DataElement)
             vr = raw.VR
             length = UNDEFINED if raw.is_undefined_length else -1
-        is_sequence = vr == "SQ" or (
-            implicit and isinstance(raw, RawDataElement) and ds[tag].VR == "SQ"
-        )
         code = 0 if implicit or vr is None else vr_code(str(vr))
-        if isinstance(raw, DataElement) and vr == "SQ" and not implicit and code != SQ:
+        if isinstance(raw, DataElement) and vr == "SQ" and not implicit:
             code = SQ
         out.append((depth, int(tag), code, length))
-        if is_sequence:
+        if ds[tag].VR == "SQ":
+            # a UN sequence's items are in implicit VR (PS3.5 §6.2.2)
+            inner = implicit or vr == "UN"
             for item in ds[tag].value:
                 out.append((depth + 1, ITEM, 0, 0))
-                _trace(item, depth + 1, implicit, out)
+                _trace(item, depth + 1, inner, out)

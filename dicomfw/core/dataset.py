@@ -184,7 +184,8 @@ class Walker:
         self.stopped = False
         self.header_done = False
         self.done = False
-        self.trace: list[tuple[int, int, int, int]] | None = None  # tests: (depth, tag, vr, length)
+        #: Tests: every element as (depth, tag, VR or 0 in implicit VR, length), items as ITEM.
+        self.trace: list[tuple[int, int, int, int]] | None = None
         encoding = encoding_of(transfer_syntax)
         self._native = transfer_syntax in NATIVE
         self._inflater = (
@@ -424,10 +425,14 @@ class Walker:
             if not self._element_header(tag, vr, length):
                 return
             if self.trace is not None:
-                self.trace.append((self._depth, tag, vr, length))
+                self.trace.append((self._depth, tag, 0 if encoding == IMPLICIT_LE else vr, length))
             if length == UNDEFINED:
                 self._open_undefined(tag, vr)
                 continue
+            if vr == UN and encoding != IMPLICIT_LE:
+                vr = _known_vr(tag)
+                if vr == SQ:  # PS3.5 §6.2.2: its items are in Implicit VR Little Endian
+                    encoding = IMPLICIT_LE
             if vr == SQ:
                 self._open(_SEQUENCE, base + pos + length, encoding)
                 continue
@@ -720,11 +725,21 @@ class Walker:
             if self.stopped:
                 return
         if self._mode != _HEADER or self._carry or len(self._kinds) > 1:
-            self._malformed("truncated", "the data set ends inside an element or sequence")
+            if _FRAGMENTS in self._kinds:
+                self._fragments_bad("the data set ends before the sequence delimiter")
+            else:
+                self._malformed("truncated", "the data set ends inside an element or sequence")
             return
         self.done = True
         if not self.header_done:
             self._end_header()
+
+
+def _known_vr(tag: int) -> int:
+    """The VR readers give an element sent as UN whose tag the dictionary knows: pydicom
+    (``replace_un_with_known_vr``) and DCMTK read its value as that VR, so it is checked as that
+    VR (a UI sent as UN is still a UID, an SQ a sequence)."""
+    return implicit_vr(tag) if tag & 0x10000 == 0 else UN
 
 
 def _is_pixel_tag(tag: int) -> bool:
