@@ -303,11 +303,13 @@ class DataSetInspector(Visitor):
         """Findings discovered by this fragment ([] mostly). After a finding of a structural
         kind the walk cannot go on: later feeds return []. Never raises; keeps no reference to
         ``fragment``."""
-        if self._walker.stopped or self._walker.done:
-            return []
         self._fed += len(fragment)
+        if (self._walker.stopped or self._walker.done) and not self._findings:
+            return []  # (a finding made before the first feed, e.g. transfer_syntax, is not lost)
         limit = self._rules.max_instance_bytes
-        if self._instance and limit is not None and self._fed > limit:
+        if self._walker.stopped:
+            pass  # only the findings made before the first feed are left to return
+        elif self._instance and limit is not None and self._fed > limit:
             self._report("instance_size", f"the data set is larger than {limit} bytes")
         else:
             self._walker.feed(fragment, last)

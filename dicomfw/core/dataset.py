@@ -434,6 +434,7 @@ class Walker:
                 if vr == SQ:  # PS3.5 §6.2.2: its items are in Implicit VR Little Endian
                     encoding = IMPLICIT_LE
             if vr == SQ:
+                visitor.element(tag, SQ, length, self._depth)
                 self._open(_SEQUENCE, base + pos + length, encoding)
                 continue
             if self._depth == 0 and not self.header_done and _is_pixel_tag(tag):
@@ -558,10 +559,10 @@ class Walker:
     def _open_undefined(self, tag: int, vr: int) -> None:
         top = len(self._kinds) - 1
         encoding = self._encodings[top]
-        if vr == SQ:
-            self._open(_SEQUENCE, -1, encoding)
-        elif vr == UN:  # PS3.5 §6.2.2: a sequence of items in Implicit VR Little Endian
-            self._open(_SEQUENCE, -1, IMPLICIT_LE)
+        if vr in (SQ, UN):
+            self._visitor.element(tag, SQ, UNDEFINED, self._depth)
+            # PS3.5 §6.2.2: an undefined-length UN is a sequence of Implicit VR LE items
+            self._open(_SEQUENCE, -1, encoding if vr == SQ else IMPLICIT_LE)
         elif tag == PIXEL_DATA and vr in (OB, OW):
             if self._native:
                 self._malformed(
