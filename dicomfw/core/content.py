@@ -263,6 +263,21 @@ class DataSetInspector(Visitor):
         model = MODELS.get(message.abstract_syntax)
         self._levels: tuple[int, ...] = model[0] if model is not None else ()
         self._findings: list[Finding] = []
+        #: What ``element`` looks at beyond the odd groups, overlays and identifiers: the fast
+        #: path skips everything else without a second look.
+        self._watched = (
+            PIXEL_ATTRIBUTES
+            | _PIXEL_DATA_TAGS
+            | {ENCAPSULATED_DOCUMENT, DOCUMENT_MIME_TYPE}
+            | rules.refused
+            | frozenset(rules.required)
+            | frozenset(rules.allowed_values)
+        )
+        self._watched_vrs = (
+            frozenset((UI, SQ))
+            | (_SYNTAX_VRS if rules.conformance else frozenset())
+            | (OPAQUE_VRS if rules.executables else frozenset())
+        )
         self._reported = 0
         self._fed = 0
         self._instance = self._role == _INSTANCE
@@ -354,6 +369,19 @@ class DataSetInspector(Visitor):
     # ---- the walker's visitor ---------------------------------------------------------------
 
     def element(self, tag: int, vr: int, length: int, depth: int) -> int:
+        group = tag >> 16
+        if (
+            not group & 1
+            and tag not in self._watched
+            and vr not in self._watched_vrs
+            and not self._identifier
+            and length != UNDEFINED
+            and not 0x6000 <= group <= 0x601E
+        ):
+            return SKIP  # most elements: nothing to read, nothing to note
+        return self._element(tag, vr, length, depth)
+
+    def _element(self, tag: int, vr: int, length: int, depth: int) -> int:
         rules = self._rules
         if tag in rules.refused:
             self._report("refused_attribute", f"{tag_text(tag)} is refused by the rules")
@@ -373,7 +401,7 @@ class DataSetInspector(Visitor):
             return VALUE
         if tag in PIXEL_ATTRIBUTES or (is_overlay_group(group) and tag & 0xFFFF < 0x0100):
             return VALUE
-        if tag in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA):
+        if tag in _PIXEL_DATA_TAGS:
             self._pixel_length(tag, length)
         elif is_overlay_group(group) and tag & 0xFFFF == OVERLAY_DATA:
             self._overlay_length(tag, length)
@@ -406,7 +434,7 @@ class DataSetInspector(Visitor):
         return (
             (self._identifier and (depth == 0 or self._worklist))
             or (tag >> 16 & 1 == 1 and rules.private_creators is not None and tag & 0xFF00 == 0)
-            or (rules.conformance and vr in (AE, AS, CS, DA, DT, TM))
+            or (rules.conformance and vr in _SYNTAX_VRS)
         )
 
     def _large(self, tag: int, vr: int, depth: int) -> int:
@@ -699,6 +727,9 @@ class DataSetInspector(Visitor):
 
 
 _OVERLAY_ATTRIBUTES: Final = frozenset((OVERLAY_ROWS, OVERLAY_COLUMNS, OVERLAY_FRAMES))
+_PIXEL_DATA_TAGS: Final = frozenset((PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA))
+#: VRs whose values the conformance tier reads.
+_SYNTAX_VRS: Final = frozenset((AE, AS, CS, DA, DT, TM))
 #: Top-level keys an identifier may carry (more is no query a person wrote).
 MAX_KEYS: Final = 1024
 

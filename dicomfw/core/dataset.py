@@ -49,13 +49,13 @@ import zlib
 from typing import Final
 
 from dicomfw.core.dictionary import (
-    KNOWN_VRS,
-    LONG_LENGTH_VRS,
     OB,
     OW,
     SQ,
     UN,
-    UNIT_SIZE,
+    VR_KNOWN,
+    VR_LONG,
+    VR_TABLE,
     implicit_vr,
 )
 from dicomfw.core.findings import Finding, Kind, tag_text
@@ -205,6 +205,9 @@ class Walker:
         # The stack of open containers, one entry per level (0: the data set itself).
         self._kinds: list[int] = [_DATASET]
         self._ends: list[int] = [-1]  # where a defined-length container ends, -1: undefined
+        #: Per level, the end of the innermost defined-length container around it (-1: none):
+        #: every container fits the one around it, so this is the only bound a value needs.
+        self._limits: list[int] = [-1]
         self._previous: list[int] = [-1]  # last tag read in a data set or item
         self._encodings: list[int] = [max(encoding, IMPLICIT_LE)]
         self._depth = 0  # sequences open
@@ -348,14 +351,15 @@ class Walker:
         base = self._offset  # stream position of data[0]
         visitor = self._visitor
         while not self.stopped and self._mode == _HEADER:
-            if not self._close_containers(base + pos):
+            limit = self._limits[-1]
+            if limit >= 0 and base + pos >= limit and not self._close_containers(base + pos):
                 return
+            if end - pos < 8:
+                break
             top = len(self._kinds) - 1
             kind = self._kinds[top]
             encoding = self._encodings[top]
             little = encoding != EXPLICIT_BE
-            if end - pos < 8:
-                break
             if little:
                 tag = data[pos + 1] << 24 | data[pos] << 16 | data[pos + 3] << 8 | data[pos + 2]
             else:
@@ -385,18 +389,19 @@ class Walker:
                     self._delimiter_in_dataset(tag, length)
                 continue
             if encoding == IMPLICIT_LE:
-                vr = implicit_vr(tag)
+                vr = wire_vr = implicit_vr(tag)
                 length = (
                     data[pos + 4] | data[pos + 5] << 8 | data[pos + 6] << 16 | data[pos + 7] << 24
                 )
                 header = 8
             else:
-                vr = data[pos + 4] << 8 | data[pos + 5]
-                if vr not in KNOWN_VRS:
+                vr = wire_vr = data[pos + 4] << 8 | data[pos + 5]
+                info = VR_TABLE[vr]
+                if not info & VR_KNOWN:
                     self._offset = base + pos
                     self._malformed("vr_unknown", f"{tag_text(tag)} has an unknown explicit VR")
                     return
-                if vr in LONG_LENGTH_VRS:
+                if info & VR_LONG:
                     if end - pos < 12:
                         break
                     if little:
@@ -420,30 +425,31 @@ class Walker:
                 else:
                     length = data[pos + 6] << 8 | data[pos + 7]
                     header = 8
+                if vr == UN and length != UNDEFINED:
+                    vr = _known_vr(tag)
+                    if vr == SQ:  # PS3.5 §6.2.2: its items are in Implicit VR Little Endian
+                        encoding = IMPLICIT_LE
             pos += header
             self._offset = base + pos
             if not self._element_header(tag, vr, length):
                 return
             if self.trace is not None:
-                self.trace.append((self._depth, tag, 0 if encoding == IMPLICIT_LE else vr, length))
+                self.trace.append(
+                    (self._depth, tag, 0 if encoding == IMPLICIT_LE else wire_vr, length)
+                )
             if length == UNDEFINED:
                 self._open_undefined(tag, vr)
                 continue
-            if vr == UN and encoding != IMPLICIT_LE:
-                vr = _known_vr(tag)
-                if vr == SQ:  # PS3.5 §6.2.2: its items are in Implicit VR Little Endian
-                    encoding = IMPLICIT_LE
             if vr == SQ:
                 visitor.element(tag, SQ, length, self._depth)
                 self._open(_SEQUENCE, base + pos + length, encoding)
                 continue
-            if self._depth == 0 and not self.header_done and _is_pixel_tag(tag):
+            if tag >= FLOAT_PIXEL_DATA and self._depth == 0 and _is_pixel_tag(tag):
                 self._end_header()
             action = visitor.element(tag, vr, length, self._depth)
             if self.stopped:
                 return
-            available = end - pos
-            if length <= available:
+            if length <= end - pos:
                 if action == VALUE:
                     visitor.value(tag, vr, data[pos : pos + length], self._depth)
                 elif action == HEAD:
@@ -453,24 +459,25 @@ class Walker:
                 self._offset = base + pos
                 continue
             # The value goes on past this window: take what is here, the rest comes later.
-            self._tag = tag
-            self._vr = vr
-            self._remaining = length
-            self._offset = base + pos
-            if action == VALUE:
-                self._mode = _COLLECTING
-            else:
-                self._mode = _SKIPPING
-                self._head_left = (
-                    (length if length < self.head_bytes else self.head_bytes)
-                    if action == HEAD
-                    else 0
-                )
+            self._start_value(tag, vr, length, action)
             self._take_value(data, pos, end)
             return
         if not self.stopped and self._mode == _HEADER:
             self._carry = data[pos:]  # an incomplete header: walked with the next window
             self._offset = base + pos
+
+    def _start_value(self, tag: int, vr: int, length: int, action: int) -> None:
+        """Skip or collect a value over the next feeds (``action``: what the visitor wants)."""
+        self._tag = tag
+        self._vr = vr
+        self._remaining = length
+        if action == VALUE:
+            self._mode = _COLLECTING
+        else:
+            self._mode = _SKIPPING
+            self._head_left = (
+                (length if length < self.head_bytes else self.head_bytes) if action == HEAD else 0
+            )
 
     # ---- containers -------------------------------------------------------------------------
 
@@ -486,6 +493,7 @@ class Walker:
                 return
         self._kinds.append(kind)
         self._ends.append(end)
+        self._limits.append(end if end >= 0 else self._limits[-1])
         self._previous.append(-1)
         self._encodings.append(encoding)
         if kind == _DATASET and len(self._kinds) > 1:
@@ -494,6 +502,7 @@ class Walker:
     def _pop(self) -> None:
         kind = self._kinds.pop()
         self._ends.pop()
+        self._limits.pop()
         self._previous.pop()
         self._encodings.pop()
         if kind == _SEQUENCE:
@@ -518,10 +527,8 @@ class Walker:
 
     def _fits(self, length: int) -> bool:
         """Whether a value of ``length`` after the current position fits every container."""
-        for container_end in self._ends:
-            if container_end >= 0 and self._offset + length > container_end:
-                return False
-        return True
+        limit = self._limits[-1]
+        return limit < 0 or self._offset + length <= limit
 
     def _element_header(self, tag: int, vr: int, length: int) -> bool:
         top = len(self._kinds) - 1
@@ -548,7 +555,7 @@ class Walker:
         if not self._fits(length):
             self._malformed("length_overrun", f"{tag_text(tag)} overruns its container")
             return False
-        unit = UNIT_SIZE.get(vr, 1)
+        unit = VR_TABLE[vr] >> 2
         if length % unit:
             self._malformed(
                 "vr_value", f"{tag_text(tag)}: length {length} is not a multiple of {unit}"
@@ -570,7 +577,7 @@ class Walker:
                     "encapsulated Pixel Data in a native transfer syntax",
                 )
                 return
-            if self._depth == 0 and not self.header_done:
+            if self._depth == 0:
                 self._end_header()
             self._visitor.element(tag, vr, UNDEFINED, self._depth)
             self._pixel_tag = tag
@@ -646,34 +653,25 @@ class Walker:
         self._fragment_start(self._offset - 8)
         if self.stopped:
             return pos
-        self._tag = self._pixel_tag
-        self._vr = OB
         if length <= len(data) - pos:
             if self._fragment_heads and length:
                 cut = length if length < self.head_bytes else self.head_bytes
-                self._visitor.head(self._tag, OB, data[pos : pos + cut], self._depth)
+                self._visitor.head(self._pixel_tag, OB, data[pos : pos + cut], self._depth)
             self._offset += length
             return pos + length
-        self._mode = _SKIPPING
-        self._remaining = length
-        self._head_left = (
-            (length if length < self.head_bytes else self.head_bytes) if self._fragment_heads else 0
-        )
+        self._start_value(self._pixel_tag, OB, length, HEAD if self._fragment_heads else SKIP)
         return self._take_value(data, pos, len(data))
 
     def _offset_table(self, length: int, data: bytes, pos: int) -> int:
         if length % 4 or length > MAX_OFFSET_TABLE_BYTES:
             self._fragments_bad(f"a Basic Offset Table of {length} bytes")
             return pos
-        self._tag = self._pixel_tag
-        self._vr = _OFFSET_TABLE
         if length <= len(data) - pos:
             self._read_offsets(data[pos : pos + length])
             self._offset += length
             self._fragments_at = self._offset
             return pos + length
-        self._mode = _COLLECTING
-        self._remaining = length
+        self._start_value(self._pixel_tag, _OFFSET_TABLE, length, VALUE)
         return self._take_value(data, pos, len(data))
 
     def _read_offsets(self, table: bytes) -> None:
@@ -716,8 +714,9 @@ class Walker:
     # ---- the end ----------------------------------------------------------------------------
 
     def _end_header(self) -> None:
-        self.header_done = True
-        self._visitor.header_end()
+        if not self.header_done:
+            self.header_done = True
+            self._visitor.header_end()
 
     def _finish(self) -> None:
         """``last`` was fed: the data set must end here, at a boundary of its top level."""
@@ -732,8 +731,7 @@ class Walker:
                 self._malformed("truncated", "the data set ends inside an element or sequence")
             return
         self.done = True
-        if not self.header_done:
-            self._end_header()
+        self._end_header()
 
 
 def _known_vr(tag: int) -> int:
@@ -744,4 +742,5 @@ def _known_vr(tag: int) -> int:
 
 
 def _is_pixel_tag(tag: int) -> bool:
+    """Pixel Data, Float or Double Float Pixel Data (each at most once per data set)."""
     return tag in (PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA)

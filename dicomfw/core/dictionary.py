@@ -81,6 +81,20 @@ UNIT_SIZE: Final[dict[int, int]] = {
     US: 2, SS: 2, OW: 2, UL: 4, SL: 4, FL: 4, OF: 4, OL: 4, AT: 4,
     FD: 8, OD: 8, SV: 8, UV: 8, OV: 8,
 }  # fmt: skip
+#: Everything the walker asks of a VR code in one bytes lookup (64 KiB, indexed by the code):
+#: bit 0 the VR is known, bit 1 it has a 32-bit length in explicit VR, bits 2-5 its unit size.
+VR_KNOWN: Final = 1
+VR_LONG: Final = 2
+
+
+def _vr_table() -> bytes:
+    table = bytearray(65_536)
+    for vr in KNOWN_VRS:
+        table[vr] = VR_KNOWN | (VR_LONG if vr in LONG_LENGTH_VRS else 0) | UNIT_SIZE.get(vr, 1) << 2
+    return bytes(table)
+
+
+VR_TABLE: Final = _vr_table()
 #: Values that may carry a file (PS3.5 Table 6.2-1: "other" binary, unknown, unlimited text):
 #: the executable check looks at their first bytes.
 OPAQUE_VRS: Final = frozenset((OB, OW, UN, UT, LT))
