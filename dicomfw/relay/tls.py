@@ -11,23 +11,45 @@ from __future__ import annotations
 
 import hashlib
 import ssl
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from cryptography import x509
 
 from dicomfw.config.model import ClientTLS, ServerTLS
 from dicomfw.core.policy import PresentedIdentity
 from dicomfw.errors import ConfigError
 from dicomfw.relay.resume import offer_session
+from dicomfw.relay.tlsfiles import (
+    Served,
+    TlsFileError,
+    check_crl,
+    next_update,
+    read_certificates,
+    read_crls,
+    read_pair,
+)
 
 #: BCP 195 / RFC 9325 recommended suites for TLS 1.2 (TLS 1.3 suites are OpenSSL's defaults).
 TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!eNULL:!MD5:!SHA1"
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
+class ServerContext(ssl.SSLContext):
+    """A listener's context, with what the log and the metrics say about it: the certificate it
+    presents and the soonest nextUpdate of its CRLs."""
+
+    served: Served | None = None
+    crl_next_update: datetime | None = None
+
+
 class ResumingClientContext(ssl.SSLContext):
     """A client context that offers the last session it saw, one cache per upstream."""
 
     session_cache: ssl.SSLSession | None = None
+    served: Served | None = None  # our client certificate, if the upstream gets one
 
     def wrap_bio(  # type: ignore[override]
         self,
@@ -71,35 +93,73 @@ def _harden(context: ssl.SSLContext, min_version: str) -> None:
     context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
 
 
-def _password(path: Path | None) -> bytes | None:
-    return path.read_bytes().strip() if path else None
+T = TypeVar("T")
 
 
-def _load(action: str, path: Path, key: str, load: Any) -> None:
-    """Run a loader and turn OpenSSL's terse errors into a ConfigError naming the file."""
+def _checked(where: str, read: Callable[[], T]) -> T:
+    """Run a ``tlsfiles`` reader; its error names the TLS file and the setting that names it."""
+    try:
+        return read()
+    except TlsFileError as error:
+        raise ConfigError(
+            str(error.path), None, f"{where}.tls.{error.field}", error.message
+        ) from error
+
+
+def _load(action: str, path: Path, key: str, load: Callable[[], None]) -> None:
+    """Run an OpenSSL loader; what it still refuses after ``tlsfiles`` read the file (an
+    algorithm this OpenSSL lacks, say) is a ConfigError naming the file."""
     try:
         load()
     except (ssl.SSLError, OSError, ValueError) as error:
-        raise ConfigError(str(path), None, key, f"cannot {action}: {error}") from error
+        raise ConfigError(str(path), None, key, f"OpenSSL cannot {action}: {error}") from error
 
 
-def server_context(tls: ServerTLS, where: str) -> ssl.SSLContext:
-    """A listener context that requires a client certificate chaining to ``tls.ca``."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    _harden(context, tls.min_version)
+def _load_pair(
+    context: ssl.SSLContext, cert: Path, key: Path, password_file: Path | None, where: str
+) -> Served:
+    """Check the pair (``tlsfiles.read_pair``), then load it; what the endpoint will present."""
+    pair = _checked(where, lambda: read_pair(cert, key, password_file))
     _load(
-        "load certificate/key",
-        tls.cert,
+        "load the certificate and key",
+        cert,
         f"{where}.tls.cert",
-        lambda: context.load_cert_chain(
-            tls.cert, tls.key, password=_password(tls.key_password_file)
-        ),
+        lambda: context.load_cert_chain(cert, key, password=pair.password),
     )
-    _load("load CA", tls.ca, f"{where}.tls.ca", lambda: context.load_verify_locations(tls.ca))
+    return Served.of(pair.leaf)
+
+
+def _load_ca(context: ssl.SSLContext, ca: Path, where: str) -> list[x509.Certificate]:
+    cas = _checked(where, lambda: read_certificates(ca, "ca"))
+    _load("load the CA", ca, f"{where}.tls.ca", lambda: context.load_verify_locations(ca))
+    return cas
+
+
+def _current_crls(
+    path: Path, cas: list[x509.Certificate], ca: Path, now: datetime
+) -> list[x509.CertificateRevocationList]:
+    crls = read_crls(path)
+    for crl in crls:
+        check_crl(path, crl, cas, ca, now)
+    return crls
+
+
+def server_context(tls: ServerTLS, where: str, now: datetime | None = None) -> ServerContext:
+    """A listener context that requires a client certificate chaining to ``tls.ca``.
+
+    Every file is read and checked first (``tlsfiles``), so an error names the file at fault;
+    a CRL that would refuse every client (expired, not yet valid, from another CA) is one.
+    """
+    context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(context, tls.min_version)
+    context.served = _load_pair(context, tls.cert, tls.key, tls.key_password_file, where)
+    cas = _load_ca(context, tls.ca, where)
     if tls.crl is not None:
-        crl = tls.crl
-        _load("load CRL", crl, f"{where}.tls.crl", lambda: context.load_verify_locations(crl))
+        crl, moment = tls.crl, now or datetime.now(UTC)
+        crls = _checked(where, lambda: _current_crls(crl, cas, tls.ca, moment))
+        _load("load the CRL", crl, f"{where}.tls.crl", lambda: context.load_verify_locations(crl))
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        context.crl_next_update = next_update(crls)
     context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -108,15 +168,9 @@ def client_context(tls: ClientTLS, where: str) -> ResumingClientContext:
     """An upstream context: verifies the server (name and chain) and presents our client cert."""
     context = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(context, tls.min_version)
-    _load("load CA", tls.ca, f"{where}.tls.ca", lambda: context.load_verify_locations(tls.ca))
+    _load_ca(context, tls.ca, where)
     if tls.cert is not None and tls.key is not None:
-        cert, key, password = tls.cert, tls.key, _password(tls.key_password_file)
-        _load(
-            "load certificate/key",
-            cert,
-            f"{where}.tls.cert",
-            lambda: context.load_cert_chain(cert, key, password=password),
-        )
+        context.served = _load_pair(context, tls.cert, tls.key, tls.key_password_file, where)
     context.check_hostname = tls.verify_hostname
     context.verify_mode = ssl.CERT_REQUIRED
     return context
