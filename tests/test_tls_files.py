@@ -1,0 +1,178 @@
+"""Every TLS file the rules name is read before OpenSSL loads it, and a bad one is named with what
+is wrong with it: in `dicomfw check`, at start (`dicomfw run`) and at reload, as an admin meets
+them (the CLI as a subprocess, the daemon's log)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from dicomfw.service.daemon import reload
+from tests.harness import Pki, free_port, rules, running_firewall
+from tests.pkihelpers import encrypted_key, stale_crl
+
+DICOMFW = shutil.which("dicomfw")
+
+#: A case: edits the rules text of ``rules(pki, ..., listener_tls=True)`` (files it made in the
+#: directory it is given) and returns the edited rules and the error line `check` must print.
+Case = Callable[[Path, Pki, str], tuple[str, str]]
+
+
+def dicomfw(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    assert DICOMFW is not None, "the dicomfw console script is not installed"
+    return subprocess.run(
+        [DICOMFW, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def key_of_another_pair(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    return text.replace(f"key: {pki.fw_server.key}", f"key: {pki.pacs.key}"), (
+        f"{pki.pacs.key}: listeners.front.tls.key: does not belong to the certificate"
+        f" {pki.fw_server.cert} (their public keys differ: a key of another certificate, or a"
+        " certificate renewed with a new key?)"
+    )
+
+
+def encrypted_key_without_password(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    key = encrypted_key(pki.fw_server.key, tmp / "fw.key", b"s3cret")
+    return text.replace(f"key: {pki.fw_server.key}", f"key: {key}"), (
+        f"{key}: listeners.front.tls.key: is encrypted: give key_password_file, a file holding"
+        " its password"
+    )
+
+
+def wrong_password(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    key = encrypted_key(pki.fw_server.key, tmp / "fw.key", b"s3cret")
+    (tmp / "fw.pass").write_text("secret\n")
+    edited = text.replace(
+        f"key: {pki.fw_server.key}", f"key: {key}, key_password_file: {tmp / 'fw.pass'}"
+    )
+    return edited, (
+        f"{tmp / 'fw.pass'}: listeners.front.tls.key_password_file: does not open the key {key}"
+        " (a wrong password, or a damaged key file)"
+    )
+
+
+def ca_as_certificate(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    return text.replace(f"cert: {pki.fw_server.cert}", f"cert: {pki.ca}"), (
+        f"{pki.ca}: listeners.front.tls.cert: is a CA certificate (CN=dicomfw site CA): give"
+        " the endpoint's own certificate here and the CA as ca"
+    )
+
+
+def key_as_ca(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    listener_ca = f"key: {pki.fw_server.key}, ca: {pki.ca}"
+    edited = text.replace(listener_ca, f"key: {pki.fw_server.key}, ca: {pki.fw_server.key}")
+    return edited, (
+        f"{pki.fw_server.key}: listeners.front.tls.ca: holds no readable PEM certificate"
+        " (-----BEGIN CERTIFICATE-----)"
+    )
+
+
+def expired_crl(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    crl = stale_crl(pki.ca_dir, tmp / "ca.crl")
+    when = crl_next_update(crl)
+    return with_crl(text, pki, crl), (
+        f"{crl}: listeners.front.tls.crl: expired on {when} UTC (nextUpdate of the CRL of"
+        " CN=dicomfw site CA): OpenSSL refuses every client certificate while it is loaded."
+        " Renew it (dicomfw certs crl --ca CA_DIR --crl FILE, or fetch a current one from the"
+        " CA) and reload"
+    )
+
+
+def crl_of_another_ca(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    crl = tmp / "other.crl"
+    assert (
+        dicomfw("certs", "crl", "--ca", pki.ca_dir.parent / "other-ca", "--crl", crl).returncode
+        == 0
+    )
+    return with_crl(text, pki, crl), (
+        f"{crl}: listeners.front.tls.crl: was not issued by a CA in {pki.ca} (its issuer is"
+        " CN=somebody else's CA, or its signature does not verify): OpenSSL would find no CRL"
+        " for the clients' certificates and refuse them all"
+    )
+
+
+def der_crl(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    pem = tmp / "ca.crl.pem"
+    assert dicomfw("certs", "crl", "--ca", pki.ca_dir, "--crl", pem).returncode == 0
+    der = tmp / "ca.crl"
+    crl = x509.load_pem_x509_crl(pem.read_bytes())
+    der.write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    return with_crl(text, pki, der), (
+        f"{der}: listeners.front.tls.crl: is a DER CRL; OpenSSL loads PEM: openssl crl -inform"
+        f" DER -in {der} -out {der}.pem"
+    )
+
+
+def upstream_key_of_another_pair(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    return text.replace(f"key: {pki.fw_client.key}", f"key: {pki.modality.key}"), (
+        f"{pki.modality.key}: upstreams.pacs.tls.key: does not belong to the certificate"
+        f" {pki.fw_client.cert} (their public keys differ: a key of another certificate, or a"
+        " certificate renewed with a new key?)"
+    )
+
+
+def crl_next_update(path: Path) -> str:
+    from cryptography import x509
+
+    when = x509.load_pem_x509_crl(path.read_bytes()).next_update_utc
+    assert when is not None
+    return f"{when:%Y-%m-%d %H:%M}"
+
+
+def with_crl(text: str, pki: Pki, crl: Path) -> str:
+    listener_ca = f"key: {pki.fw_server.key}, ca: {pki.ca}"
+    return text.replace(listener_ca, f"{listener_ca}, crl: {crl}")
+
+
+CASES: dict[str, Case] = {
+    "key of another pair": key_of_another_pair,
+    "encrypted key without a password file": encrypted_key_without_password,
+    "wrong password": wrong_password,
+    "CA certificate as the certificate": ca_as_certificate,
+    "key as the CA file": key_as_ca,
+    "expired CRL": expired_crl,
+    "CRL of another CA": crl_of_another_ca,
+    "DER CRL": der_crl,
+    "upstream key of another pair": upstream_key_of_another_pair,
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_check_names_the_tls_file_at_fault_and_what_is_wrong(
+    tmp_path: Path, pki: Pki, case: str
+) -> None:
+    path = tmp_path / "rules.yaml"
+    text, expected = CASES[case](tmp_path, pki, rules(pki, 11112, listener_tls=True))
+    path.write_text(text)
+    result = dicomfw("check", "--config", path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [expected, "dicomfw: 1 error(s); nothing was started"]
+
+
+def test_the_daemon_does_not_start_with_an_expired_crl(tmp_path: Path, pki: Pki) -> None:
+    text, expected = expired_crl(tmp_path, pki, rules(pki, 11112, listener_tls=True))
+    path = tmp_path / "rules.yaml"
+    path.write_text(text.replace('"127.0.0.1:0"', f'"127.0.0.1:{free_port()}"'))
+    result = dicomfw("run", "--config", path)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [expected, "dicomfw: 1 error(s); nothing was started"]
+
+
+def test_a_reload_with_an_expired_crl_fails_naming_it_and_keeps_serving(
+    tmp_path: Path, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = rules(pki, 11112, listener_tls=True)
+    with running_firewall(tmp_path, good) as firewall:
+        text, expected = expired_crl(tmp_path, pki, good)
+        (tmp_path / "rules.yaml").write_text(text)
+        assert not firewall.call(lambda: reload(firewall.relay, tmp_path / "rules.yaml"))
+    assert f'event=reload_failed error="{expected}"' in caplog.text
