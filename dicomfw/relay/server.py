@@ -45,9 +45,12 @@ from dicomfw.core.stream import Buffer
 from dicomfw.logsetup import log_event
 from dicomfw.relay.libssl import BufferRelease
 from dicomfw.relay.tls import (
+    RefusedCertificate,
     ResumingClientContext,
+    accepting,
     client_context,
     presented_identity,
+    refused_certificate,
     server_context,
 )
 
@@ -132,12 +135,14 @@ class Refused:
     """A connection refused before any DICOM was spoken (source address, TLS handshake).
 
     ``cause`` sorts a TLS handshake failure into a small fixed set (``handshake_cause``), so
-    metrics can count by it without a label per OpenSSL message.
+    metrics can count by it without a label per OpenSSL message. ``certificate`` is the one the
+    client presented, when the handshake refused it.
     """
 
     why: str
     detail: str
     cause: str = ""
+    certificate: RefusedCertificate | None = None
 
 
 def _write_in_pieces(transport: asyncio.Transport, buffer: Buffer, size: int) -> None:
@@ -749,6 +754,8 @@ class Relay:
     ) -> None:
         loop = asyncio.get_running_loop()
         context = runtime.server_contexts.get(listener.name)
+        if context is not None:
+            accepting(connection)  # where a refused handshake sends its alert
         try:
             await loop.connect_accepted_socket(
                 lambda: _tls_reads(
@@ -761,7 +768,12 @@ class Relay:
                 else None,
             )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as error:
-            refused = Refused("tls_handshake_failed", _describe(error), handshake_cause(error))
+            refused = Refused(
+                "tls_handshake_failed",
+                _describe(error),
+                handshake_cause(error),
+                refused_certificate(error),
+            )
             self.notify(info, refused)
             connection.close()
             gate.release()

@@ -9,18 +9,23 @@ so a context subclass that passes the cached session there resumes on either loo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import socket
 import ssl
 from collections.abc import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 from cryptography import x509
 
 from dicomfw.config.model import ClientTLS, ServerTLS
 from dicomfw.core.policy import PresentedIdentity
 from dicomfw.errors import ConfigError
+from dicomfw.relay.libssl import RefusedCertificates, refused_certificates
 from dicomfw.relay.resume import offer_session
 from dicomfw.relay.tlsfiles import (
     Served,
@@ -37,12 +42,118 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:!aNULL:!eNULL:!MD5:!SHA1
 _VERSIONS = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
 
 
-class ServerContext(ssl.SSLContext):
-    """A listener's context, with what the log and the metrics say about it: the certificate it
-    presents and the soonest nextUpdate of its CRLs."""
+#: The accepted socket whose TLS handshake the running task starts (``accepting``).
+_ACCEPTED: ContextVar[socket.socket | None] = ContextVar("dicomfw_accepted", default=None)
+#: The attribute of a handshake's ``ssl.SSLError`` that carries the refused certificate.
+_PRESENTED: Final = "dicomfw_presented_certificate"
 
+
+@dataclass(frozen=True, slots=True)
+class RefusedCertificate:
+    """The certificate a client presented in a handshake that refused it: what the log line and
+    the audit record of the refusal name (it comes from the network, like an AE title)."""
+
+    subject: str
+    issuer: str
+    serial: str  # whole octets in upper-case hex, as ``openssl x509 -serial`` prints it
+    sha256: str
+
+    @classmethod
+    def of(cls, der: bytes) -> RefusedCertificate | None:
+        try:
+            certificate = x509.load_der_x509_certificate(der)
+            subject, issuer = certificate.subject, certificate.issuer
+            return cls(
+                subject.rfc4514_string(),
+                issuer.rfc4514_string(),
+                f"{certificate.serial_number:X}".rjust(2 * _octets(certificate.serial_number), "0"),
+                hashlib.sha256(der).hexdigest(),
+            )
+        except ValueError:  # OpenSSL parsed it, cryptography's stricter reader may not
+            return None
+
+
+def _octets(number: int) -> int:
+    return max(1, (number.bit_length() + 7) // 8)
+
+
+def refused_certificate(error: BaseException) -> RefusedCertificate | None:
+    """The certificate the client presented, when ``error`` ended a listener's handshake."""
+    presented = getattr(error, _PRESENTED, None)
+    return presented if isinstance(presented, RefusedCertificate) else None
+
+
+def accepting(connection: socket.socket) -> None:
+    """Say that the running task is about to hand ``connection`` to the event loop for a TLS
+    handshake with a ``ServerContext``.
+
+    asyncio and uvloop create the connection's TLS object (``ServerContext.wrap_bio``) in the
+    transport's callbacks, which run in a copy of the context of the task that accepted: a
+    context variable is the one way to the socket from there that costs neither a context per
+    connection nor a file descriptor.
+    """
+    _ACCEPTED.set(connection)
+
+
+class _ServerConnection(ssl.SSLObject):
+    """A listener's TLS connection that tells a refused client why.
+
+    When OpenSSL refuses a client, it writes the TLS alert for the case (RFC 8446 §6.2,
+    RFC 5246 §7.2.2: unknown_ca, certificate_expired, certificate_required, protocol_version,
+    ...) into the connection's outgoing buffer, but asyncio's and uvloop's SSL protocols then
+    close the transport without sending it, so the client sees its connection dropped. This
+    sends the alert on the socket itself before the error goes on (the server's flight has
+    left the socket by then: the client answered it), and hangs the refused certificate on
+    the error for ``refused_certificate``.
+    """
+
+    _outgoing: ssl.MemoryBIO | None = None
+    _socket: socket.socket | None = None
+    _refused: RefusedCertificates | None = None
+
+    def do_handshake(self) -> None:
+        try:
+            super().do_handshake()
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            raise
+        except ssl.SSLError as error:
+            self._refuse(error)
+            raise
+
+    def _refuse(self, error: ssl.SSLError) -> None:
+        der = self._refused.take(self) if self._refused is not None else None
+        if der is not None:
+            setattr(error, _PRESENTED, RefusedCertificate.of(der))
+        alert = self._outgoing.read() if self._outgoing is not None else b""
+        if alert and self._socket is not None:
+            with contextlib.suppress(OSError):  # the client may be gone already
+                self._socket.send(alert)
+
+
+class ServerContext(ssl.SSLContext):
+    """A listener's context: connections that send their refusal's alert, and what the log and
+    the metrics say about it (the certificate it presents, the soonest nextUpdate of its CRLs).
+    """
+
+    sslobject_class = _ServerConnection
     served: Served | None = None
     crl_next_update: datetime | None = None
+    refused: RefusedCertificates | None = None
+
+    def wrap_bio(  # type: ignore[override]
+        self,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+        server_side: bool = False,
+        server_hostname: str | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLObject:
+        connection = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
+        assert isinstance(connection, _ServerConnection)
+        connection._outgoing = outgoing
+        connection._socket = _ACCEPTED.get()
+        connection._refused = self.refused
+        return connection
 
 
 class ResumingClientContext(ssl.SSLContext):
@@ -152,6 +263,9 @@ def server_context(tls: ServerTLS, where: str, now: datetime | None = None) -> S
     """
     context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(context, tls.min_version)
+    context.refused = refused_certificates()
+    if context.refused is not None and not context.refused.install(context):
+        context.refused = None
     context.served = _load_pair(context, tls.cert, tls.key, tls.key_password_file, where)
     cas = _load_ca(context, tls.ca, where)
     if tls.crl is not None:
