@@ -208,7 +208,9 @@ class RefusedCertificates:
     ``X509_verify_cert``, exactly as it would have run, and when that fails keeps the leaf's
     DER encoding under its connection's ``SSL *`` until ``take`` collects it. The verdict is
     always OpenSSL's. Cost: one callback per full handshake that verifies a client certificate
-    (resumed sessions verify nothing), ~2 µs of a handshake's ~1 ms; measured, not noticeable.
+    (resumed sessions verify nothing): ~1 µs (entering a ctypes callback ~0.4 µs, one call)
+    against the ~1.1 ms of server CPU such a handshake takes; 30 paired rounds of 200
+    handshakes with and without it differed by nothing beyond the noise.
     """
 
     __slots__ = ("_callback", "_lib", "_refused")
