@@ -69,6 +69,10 @@ PROTOCOL_REFUSALS: Final = frozenset(
         "too_many_refusals",
     }
 )
+#: Rejections because the upstream connection failed (``Session.upstream_failed``).
+UPSTREAM_FAILURES: Final = frozenset(
+    {"upstream_unreachable", "upstream_certificate_invalid", "upstream_tls_failed"}
+)
 NONE: Final = "none"  # label value: no route (yet)
 UNKNOWN: Final = "unknown"  # label value: an AE title that is no configured peer
 OTHER: Final = "other"  # label value: a SOP class the rules do not name
@@ -154,8 +158,10 @@ class Metrics:
         )
         self.upstream_failures = Counter(
             "dicomfw_upstream_connect_failures_total",
-            "Upstream connections that failed (refused, unreachable, TLS, timeout).",
-            ["upstream"],
+            "Upstream connections that failed, by cause: refused, timeout, unreachable, "
+            "connection_lost, certificate_invalid (its certificate did not verify), "
+            "tls_handshake_failed (e.g. it refused ours), other.",
+            ["upstream", "cause"],
             registry=r,
         )
         self.reloads = Counter(
@@ -296,9 +302,10 @@ class Metrics:
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
             self._child(self.refusals, info.listener, "association", event.why).inc()
-            if event.why == "upstream_unreachable":
+            if event.why in UPSTREAM_FAILURES:
                 upstream = self._upstream_of_route.get(info.route or "", UNKNOWN)
-                self._child(self.upstream_failures, upstream).inc()
+                cause = info.upstream_failure or OTHER
+                self._child(self.upstream_failures, upstream, cause).inc()
             self._ended(info, "rejected")
         elif kind is AssociationEnded:
             assert isinstance(event, AssociationEnded)

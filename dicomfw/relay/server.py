@@ -47,6 +47,7 @@ from dicomfw.relay.libssl import BufferRelease
 from dicomfw.relay.tls import (
     RefusedCertificate,
     ResumingClientContext,
+    ServerContext,
     accepting,
     client_context,
     presented_identity,
@@ -79,7 +80,7 @@ class Runtime:
     """Everything one association needs, built and validated before it is swapped in."""
 
     config: Config
-    server_contexts: dict[str, ssl.SSLContext] = field(default_factory=dict)
+    server_contexts: dict[str, ServerContext] = field(default_factory=dict)
     client_contexts: dict[str, ResumingClientContext] = field(default_factory=dict)
 
 
@@ -118,6 +119,7 @@ class AssociationInfo:
     requests: int = 0  # requests the upstream answered with a final status
     requests_sent: int = 0  # requests passed to the upstream
     proxied_by: IPAddress | None = None  # the balancer, when ``address`` came in a PROXY header
+    upstream_failure: str | None = None  # why the upstream connection failed (upstream_cause)
 
 
 Observer = Callable[[AssociationInfo, "Event | Refused"], None]
@@ -345,7 +347,10 @@ class Association(asyncio.Protocol):
                 )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
             detail = f"{name}: {_describe(error)}"
-            self._step(lambda session: session.upstream_failed(detail))
+            cause = upstream_cause(error)
+            self.info.upstream_failure = cause
+            why = _UPSTREAM_WHY.get(cause, "upstream_unreachable")
+            self._step(lambda session: session.upstream_failed(detail, why))
             return
         if self._session.state is State.CLOSED:
             transport.close()
@@ -602,6 +607,35 @@ def handshake_cause(error: BaseException) -> str:
         return "timeout"
     if isinstance(error, OSError):  # ConnectionResetError, EOF in the handshake, ...
         return "connection_lost"
+    return "other"
+
+
+#: The ``AssociationRejected`` why of an upstream connection failure that is not the PACS
+#: being unreachable: a certificate problem is fixed elsewhere than a PACS that is down.
+_UPSTREAM_WHY: Final = {
+    "certificate_invalid": "upstream_certificate_invalid",
+    "tls_handshake_failed": "upstream_tls_failed",
+}
+
+
+def upstream_cause(error: BaseException) -> str:
+    """Why an upstream connection failed, as one of a fixed set of labels: certificate_invalid
+    (its certificate did not verify: another CA, expired, another name), tls_handshake_failed
+    (the handshake failed otherwise: it refused our certificate, no common version),
+    refused, timeout (connect or handshake), connection_lost, unreachable (no route, no such
+    host), other."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return "certificate_invalid"
+    if isinstance(error, ssl.SSLError):
+        return "tls_handshake_failed"
+    if isinstance(error, ConnectionRefusedError):
+        return "refused"
+    if isinstance(error, TimeoutError) or _HANDSHAKE_TIMED_OUT in str(error):
+        return "timeout"
+    if isinstance(error, ConnectionError):
+        return "connection_lost"
+    if isinstance(error, OSError):
+        return "unreachable"
     return "other"
 
 
