@@ -176,3 +176,19 @@ def test_a_reload_with_an_expired_crl_fails_naming_it_and_keeps_serving(
         (tmp_path / "rules.yaml").write_text(text)
         assert not firewall.call(lambda: reload(firewall.relay, tmp_path / "rules.yaml"))
     assert f'event=reload_failed error="{expected}"' in caplog.text
+
+
+def test_check_warns_of_a_crl_near_its_next_update_and_still_passes(
+    tmp_path: Path, pki: Pki
+) -> None:
+    crl = tmp_path / "ca.crl"
+    assert dicomfw("certs", "crl", "--ca", pki.ca_dir, "--crl", crl, "--days", "3").returncode == 0
+    path = tmp_path / "rules.yaml"
+    path.write_text(with_crl(rules(pki, 11112, listener_tls=True), pki, crl))
+    result = dicomfw("check", "--config", path)
+    assert result.returncode == 0 and result.stdout.endswith(f"{path}: OK\n")
+    assert result.stderr == (
+        f"warning: {crl}: listeners.front.tls.crl: next update due on {crl_next_update(crl)} UTC:"
+        " renew it (dicomfw certs crl) and reload before then, or the listener refuses every"
+        " client certificate\n"
+    )

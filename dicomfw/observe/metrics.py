@@ -24,7 +24,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
@@ -55,6 +55,7 @@ from dicomfw.core.session import (
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
 from dicomfw.relay.server import AssociationInfo, Refused
+from dicomfw.relay.tlsfiles import TlsFileError, next_update, read_crls
 
 log = logging.getLogger("dicomfw.metrics")
 
@@ -190,6 +191,14 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
+        self.crl_next_update = Gauge(
+            "dicomfw_crl_next_update_timestamp_seconds",
+            "nextUpdate (Unix time) of the soonest CRL in each CRL file a listener loads: past "
+            "it, the listener refuses every client certificate.",
+            ["file", "role"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.audit_dropped = Counter(
             "dicomfw_audit_events_dropped_total",
             "Audit events dropped because the sink's queue was full.",
@@ -215,7 +224,7 @@ class Metrics:
         self._sop_labels: dict[str, str] = {}
         self._upstream_of_route: dict[str, str] = {}
         self._rules_hash = ""
-        self._certificates: set[tuple[str, str]] = set()
+        self._file_series: dict[Gauge, set[tuple[str, str]]] = {}  # see ``_set_moments``
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see ``_child``
 
     # ---- configuration ------------------------------------------------------------------------
@@ -246,17 +255,28 @@ class Metrics:
         self._set_certificates(config)
 
     def _set_certificates(self, config: Config) -> None:
+        self._set_moments(self.not_after, config.certificate_files(), _earliest_not_after)
+        self._set_moments(self.crl_next_update, config.crl_files(), _earliest_next_update)
+
+    def _set_moments(
+        self,
+        gauge: Gauge,
+        files: Iterable[tuple[str, Path]],
+        read: Callable[[Path], float | None],
+    ) -> None:
+        """One series per (file, role) with the moment ``read`` finds in it; the series of
+        files the rules no longer name go."""
         current: set[tuple[str, str]] = set()
-        for role, path in config.certificate_files():
-            expiry = _earliest_not_after(path)
-            if expiry is None:
+        for role, path in files:
+            moment = read(path)
+            if moment is None:
                 continue
             key = (str(path), role)
-            self.not_after.labels(*key).set(expiry)
+            gauge.labels(*key).set(moment)
             current.add(key)
-        for key in self._certificates - current:
-            self.not_after.remove(*key)
-        self._certificates = current
+        for key in self._file_series.get(gauge, set()) - current:
+            gauge.remove(*key)
+        self._file_series[gauge] = current
 
     def reload_succeeded(self, config: Config) -> None:
         self.reloads.labels("success").inc()
@@ -361,6 +381,16 @@ def _earliest_not_after(path: Path) -> float | None:
         log_event(log, logging.WARNING, "certificate_unreadable", file=str(path), error=error)
         return None
     return min(c.not_valid_after_utc.timestamp() for c in certificates)
+
+
+def _earliest_next_update(path: Path) -> float | None:
+    """The soonest nextUpdate among the CRLs in ``path``."""
+    try:
+        moment = next_update(read_crls(path))
+    except TlsFileError as error:
+        log_event(log, logging.WARNING, "crl_unreadable", file=str(path), error=error.message)
+        return None
+    return moment.timestamp() if moment is not None else None
 
 
 class MetricsServer:

@@ -22,14 +22,16 @@ from cryptography import x509
 from dicomfw.config.model import Config, TlsEndpoint
 from dicomfw.pki import certs
 from dicomfw.pki.certs import CertInfo, CrlInfo
-from dicomfw.relay.tlsfiles import TlsFileError, read_certificates, read_crls, read_pair
+from dicomfw.relay.tlsfiles import (
+    CRL_WARN_DAYS,
+    TlsFileError,
+    read_certificates,
+    read_crls,
+    read_pair,
+)
 
 T = TypeVar("T")
 
-#: CRLs are issued for days or weeks and renewed well before their nextUpdate (daily, say, by
-#: systemd/dicomfw-crl.timer), so they get a window of their own: the daemon's, which warns at
-#: start and reload of a CRL whose nextUpdate is this close.
-CRL_WARN_DAYS: Final = 7
 _DAY: Final = timedelta(days=1)
 _HOUR: Final = timedelta(hours=1)
 

@@ -18,8 +18,8 @@ from dicomfw.config.model import Config, TlsEndpoint
 from dicomfw.errors import ConfigErrors
 from dicomfw.pki import certs
 from dicomfw.pki.certs import CertError, CertInfo, CrlInfo
-from dicomfw.pki.checks import CRL_WARN_DAYS, check_config, check_paths, date, span
-from dicomfw.relay.tlsfiles import TlsFileError
+from dicomfw.pki.checks import check_config, check_paths, date, span
+from dicomfw.relay.tlsfiles import CRL_WARN_DAYS, TlsFileError
 
 Handler = Callable[[argparse.Namespace], int]
 

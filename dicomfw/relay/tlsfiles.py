@@ -38,6 +38,11 @@ __all__ = [
     "read_pair",
 ]
 
+#: How close to its nextUpdate a CRL gets a warning (at start and reload, in ``dicomfw check``
+#: and by default in ``dicomfw certs check``): CRLs are issued for days or weeks and renewed
+#: well before then (daily, say, by systemd/dicomfw-crl.timer), so a window of a week is
+#: news, where certificates' 30 days would flag every healthy CRL.
+CRL_WARN_DAYS: Final = 7
 _CRL_PEM: Final = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.DOTALL)
 #: Both PEM forms of an encrypted key carry this word: PKCS #8's "BEGIN ENCRYPTED PRIVATE KEY"
 #: and the traditional "Proc-Type: 4,ENCRYPTED" header (RFC 1421).
