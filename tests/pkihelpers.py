@@ -14,14 +14,18 @@ from cryptography.hazmat.primitives.asymmetric import ec
 def stale_crl(ca_dir: Path, path: Path, days_ago: float = 3) -> Path:
     """An empty CRL of the CA in ``ca_dir`` whose nextUpdate passed ``days_ago`` days ago: what
     ``certs revoke`` leaves when nobody renews it."""
+    return crl_until(ca_dir, path, datetime.now(UTC) - timedelta(days=days_ago))
+
+
+def crl_until(ca_dir: Path, path: Path, next_update: datetime) -> Path:
+    """An empty CRL of the CA in ``ca_dir``, issued 30 days before ``next_update``."""
     ca = x509.load_pem_x509_certificate((ca_dir / "ca.pem").read_bytes())
     key = serialization.load_pem_private_key((ca_dir / "ca.key").read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey)
-    next_update = datetime.now(UTC) - timedelta(days=days_ago)
     crl = (
         x509.CertificateRevocationListBuilder()
         .issuer_name(ca.subject)
-        .last_update(next_update - timedelta(days=30))
+        .last_update(min(next_update, datetime.now(UTC)) - timedelta(days=30))
         .next_update(next_update)
         .add_extension(x509.CRLNumber(1), critical=False)
         .sign(key, hashes.SHA256())

@@ -19,6 +19,7 @@ from dicomfw.pki import certs
 from dicomfw.relay.server import Refused
 from tests.harness import WAIT, Firewall, Pki, associate_rq, client_context, rules
 from tests.obs_harness import observed_firewall
+from tests.pkihelpers import crl_until
 
 
 def listener_rules(pki: Pki, crl: Path, audit: Path) -> str:
@@ -163,3 +164,32 @@ def wait_for_record(audit: Path, event: str) -> dict[str, object]:
                     return record
         time.sleep(0.05)
     raise AssertionError(f"no {event} record in {audit}")
+
+
+def test_a_crl_that_expires_while_the_listener_runs_is_blamed_not_the_client(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """What a forgotten renewal does: from its next update on, every client is refused. The
+    log and the metric label say the CRL is at fault (cause crl_expired)."""
+    crl = crl_until(pki.ca_dir, tmp_path / "ca.crl", datetime.now(UTC) + timedelta(seconds=2))
+    with observed_firewall(tmp_path, listener_rules(pki, crl, tmp_path / "audit.jsonl")) as (
+        running,
+        _,
+    ):
+        time.sleep(max(0.0, crl_next_update(crl) - time.time()) + 0.5)
+        error = handshake_error(running.port("front"), client_context(pki, pki.modality))
+        refused = running.wait_for(lambda e: isinstance(e, Refused))
+    assert error.reason == "SSLV3_ALERT_CERTIFICATE_EXPIRED"  # OpenSSL's alert for the case
+    assert isinstance(refused, Refused)
+    assert (refused.cause, refused.detail) == (
+        "crl_expired",
+        "CERTIFICATE_VERIFY_FAILED: CRL has expired",
+    )
+
+
+def crl_next_update(path: Path) -> float:
+    from cryptography import x509
+
+    when = x509.load_pem_x509_crl(path.read_bytes()).next_update_utc
+    assert when is not None
+    return when.timestamp()

@@ -575,6 +575,10 @@ _VERIFY_CAUSES: Final = {
     21: "unknown_ca",  # unable to verify the first certificate
     10: "certificate_expired",
     23: "certificate_revoked",
+    # The listener's CRL, not the client, is at fault: every client is refused until it is
+    # renewed (expired) or replaced (the rest).
+    12: "crl_expired",
+    **dict.fromkeys((3, 5, 8, 11, 15, 16, 33, 35, 36, 44, 54), "crl_invalid"),
 }
 #: OpenSSL reason codes of handshakes that failed before certificates were compared.
 _REASON_CAUSES: Final = {
@@ -592,9 +596,9 @@ _REASON_CAUSES: Final = {
 
 def handshake_cause(error: BaseException) -> str:
     """Why a listener's TLS handshake failed, as one of a fixed set of labels: no_certificate,
-    unknown_ca, certificate_expired, certificate_revoked, certificate_invalid, protocol_version,
-    no_shared_cipher, not_tls, peer_alert (the client refused us), timeout, connection_lost,
-    other."""
+    unknown_ca, certificate_expired, certificate_revoked, certificate_invalid, crl_expired,
+    crl_invalid, protocol_version, no_shared_cipher, not_tls, peer_alert (the client refused
+    us), timeout, connection_lost, other."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return _VERIFY_CAUSES.get(error.verify_code, "certificate_invalid")
     if isinstance(error, ssl.SSLError):
