@@ -120,6 +120,18 @@ def upstream_key_of_another_pair(tmp: Path, pki: Pki, text: str) -> tuple[str, s
     )
 
 
+def atna_key_of_another_pair(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
+    atna = (
+        f"audit: {{atna: {{host: 127.0.0.1, transport: tls, ca: {pki.ca},"
+        f" cert: {pki.fw_client.cert}, key: {pki.pacs.key}}}}}\n"
+    )
+    return text + atna, (
+        f"{pki.pacs.key}: audit.atna.key: does not belong to the certificate"
+        f" {pki.fw_client.cert} (their public keys differ: a key of another certificate, or a"
+        " certificate renewed with a new key?)"
+    )
+
+
 def crl_next_update(path: Path) -> str:
     from cryptography import x509
 
@@ -143,6 +155,7 @@ CASES: dict[str, Case] = {
     "CRL of another CA": crl_of_another_ca,
     "DER CRL": der_crl,
     "upstream key of another pair": upstream_key_of_another_pair,
+    "ATNA collector key of another pair": atna_key_of_another_pair,
 }
 
 

@@ -22,7 +22,7 @@ from typing import Any, Final, TypeVar
 
 from cryptography import x509
 
-from dicomfw.config.model import ClientTLS, ServerTLS
+from dicomfw.config.model import AtnaCollector, ClientTLS, ServerTLS
 from dicomfw.core.policy import PresentedIdentity
 from dicomfw.errors import ConfigError
 from dicomfw.relay.libssl import RefusedCertificates, refused_certificates
@@ -207,14 +207,14 @@ def _harden(context: ssl.SSLContext, min_version: str) -> None:
 T = TypeVar("T")
 
 
-def _checked(where: str, read: Callable[[], T]) -> T:
-    """Run a ``tlsfiles`` reader; its error names the TLS file and the setting that names it."""
+def _checked(where: str, read: Callable[[], T], section: str = ".tls") -> T:
+    """Run a ``tlsfiles`` reader; its error names the TLS file and the setting that names it
+    (``where`` + ``section`` + the file's key, e.g. ``listeners.front.tls.key``)."""
     try:
         return read()
     except TlsFileError as error:
-        raise ConfigError(
-            str(error.path), None, f"{where}.tls.{error.field}", error.message
-        ) from error
+        setting = f"{where}{section}.{error.field}"
+        raise ConfigError(str(error.path), None, setting, error.message) from error
 
 
 def _load(action: str, path: Path, key: str, load: Callable[[], None]) -> None:
@@ -288,6 +288,16 @@ def client_context(tls: ClientTLS, where: str) -> ResumingClientContext:
     context.check_hostname = tls.verify_hostname
     context.verify_mode = ssl.CERT_REQUIRED
     return context
+
+
+def check_collector_files(atna: AtnaCollector) -> None:
+    """Read the ATNA collector's TLS files as a listener's are read, so ``dicomfw check``, a
+    start and a reload name a bad one (its context is made when the audit trail starts)."""
+    ca, cert, key = atna.ca, atna.cert, atna.key
+    if ca is not None:
+        _checked("audit.atna", lambda: read_certificates(ca, "ca"), "")
+    if cert is not None and key is not None:
+        _checked("audit.atna", lambda: read_pair(cert, key, None), "")
 
 
 def presented_identity(ssl_object: Any) -> PresentedIdentity | None:

@@ -27,6 +27,7 @@ from dicomfw.logsetup import log_event
 from dicomfw.observe.eventlog import log_observer
 from dicomfw.observe.observability import Observability
 from dicomfw.relay.server import Relay, Runtime, build_runtime
+from dicomfw.relay.tls import check_collector_files
 from dicomfw.relay.tlsfiles import CRL_WARN_DAYS
 from dicomfw.service.heap import HeapTrimmer, map_large_blocks
 from dicomfw.service.sdnotify import Notifier
@@ -37,9 +38,13 @@ log = logging.getLogger("dicomfw.daemon")
 def load_runtime(config_path: Path) -> Runtime:
     """Rules file plus all TLS material, or ConfigErrors naming each file and problem."""
     try:
-        return build_runtime(load_config(config_path))
+        config = load_config(config_path)
+        runtime = build_runtime(config)
+        if config.audit is not None and config.audit.atna is not None:
+            check_collector_files(config.audit.atna)
     except ConfigError as error:
         raise ConfigErrors([error]) from error
+    return runtime
 
 
 def served_certificates(runtime: Runtime) -> dict[str, str]:
