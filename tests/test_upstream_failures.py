@@ -67,8 +67,10 @@ def test_an_upstream_with_a_wrong_certificate_is_not_reported_as_down(
         samples = scrape(port)
     rejected = {e.called_ae: e for _, e in fw.events if isinstance(e, AssociationRejected)}
     assert rejected["PACS"].why == "upstream_certificate_invalid"
+    [presented] = certs.inspect(impostor.cert)
     assert rejected["PACS"].detail == (
-        "impostor: CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate"
+        "impostor: CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate (it"
+        f" presented CN=pacs, issued by CN=somebody else's CA, serial {presented.serial})"
     )
     assert rejected["ARCHIVE"].why == "upstream_unreachable"
     assert series(samples, "dicomfw_upstream_connect_failures_total") == {

@@ -346,7 +346,7 @@ class Association(asyncio.Protocol):
                     ssl_handshake_timeout=config.limits.tls_handshake_seconds if context else None,
                 )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
-            detail = f"{name}: {_describe(error)}"
+            detail = f"{name}: {_describe(error)}{_presented(refused_certificate(error))}"
             cause = upstream_cause(error)
             self.info.upstream_failure = cause
             why = _UPSTREAM_WHY.get(cause, "upstream_unreachable")
@@ -561,6 +561,16 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, TimeoutError):
         return "timed out"
     return str(error) or type(error).__name__
+
+
+def _presented(certificate: RefusedCertificate | None) -> str:
+    """What an upstream whose certificate did not verify presented, for the detail."""
+    if certificate is None:
+        return ""
+    return (
+        f" (it presented {certificate.subject}, issued by {certificate.issuer},"
+        f" serial {certificate.serial})"
+    )
 
 
 #: The start of the message asyncio's and uvloop's SSL protocols abort a handshake with when

@@ -95,20 +95,10 @@ def accepting(connection: socket.socket) -> None:
     _ACCEPTED.set(connection)
 
 
-class _ServerConnection(ssl.SSLObject):
-    """A listener's TLS connection that tells a refused client why.
+class _Connection(ssl.SSLObject):
+    """A TLS connection that hangs the certificate its peer presented on the error of a
+    handshake that refused it, for ``refused_certificate`` (see ``RefusedCertificates``)."""
 
-    When OpenSSL refuses a client, it writes the TLS alert for the case (RFC 8446 §6.2,
-    RFC 5246 §7.2.2: unknown_ca, certificate_expired, certificate_required, protocol_version,
-    ...) into the connection's outgoing buffer, but asyncio's and uvloop's SSL protocols then
-    close the transport without sending it, so the client sees its connection dropped. This
-    sends the alert on the socket itself before the error goes on (the server's flight has
-    left the socket by then: the client answered it), and hangs the refused certificate on
-    the error for ``refused_certificate``.
-    """
-
-    _outgoing: ssl.MemoryBIO | None = None
-    _socket: socket.socket | None = None
     _refused: RefusedCertificates | None = None
 
     def do_handshake(self) -> None:
@@ -117,17 +107,42 @@ class _ServerConnection(ssl.SSLObject):
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
             raise
         except ssl.SSLError as error:
-            self._refuse(error)
+            self._failed(error)
             raise
 
-    def _refuse(self, error: ssl.SSLError) -> None:
+    def _failed(self, error: ssl.SSLError) -> None:
         der = self._refused.take(self) if self._refused is not None else None
         if der is not None:
             setattr(error, _PRESENTED, RefusedCertificate.of(der))
+
+
+class _ServerConnection(_Connection):
+    """A listener's TLS connection, which also tells a refused client why.
+
+    When OpenSSL refuses a client, it writes the TLS alert for the case (RFC 8446 §6.2,
+    RFC 5246 §7.2.2: unknown_ca, certificate_expired, certificate_required, protocol_version,
+    ...) into the connection's outgoing buffer, but asyncio's and uvloop's SSL protocols then
+    close the transport without sending it, so the client sees its connection dropped. This
+    sends the alert on the socket itself before the error goes on (the server's flight has
+    left the socket by then: the client answered it).
+    """
+
+    _outgoing: ssl.MemoryBIO | None = None
+    _socket: socket.socket | None = None
+
+    def _failed(self, error: ssl.SSLError) -> None:
+        super()._failed(error)
         alert = self._outgoing.read() if self._outgoing is not None else b""
         if alert and self._socket is not None:
             with contextlib.suppress(OSError):  # the client may be gone already
                 self._socket.send(alert)
+
+
+def _keeping_refused(context: ServerContext | ResumingClientContext) -> None:
+    """Have ``context`` keep the certificate a peer presented when OpenSSL refuses it."""
+    refused = refused_certificates()
+    if refused is not None and refused.install(context):
+        context.refused = refused
 
 
 class ServerContext(ssl.SSLContext):
@@ -157,10 +172,13 @@ class ServerContext(ssl.SSLContext):
 
 
 class ResumingClientContext(ssl.SSLContext):
-    """A client context that offers the last session it saw, one cache per upstream."""
+    """A client context that offers the last session it saw, one cache per upstream, and
+    keeps the certificate an upstream presented when it did not verify."""
 
+    sslobject_class = _Connection
     session_cache: ssl.SSLSession | None = None
     served: Served | None = None  # our client certificate, if the upstream gets one
+    refused: RefusedCertificates | None = None
 
     def wrap_bio(  # type: ignore[override]
         self,
@@ -173,6 +191,8 @@ class ResumingClientContext(ssl.SSLContext):
         connection = super().wrap_bio(
             incoming, outgoing, server_side=server_side, server_hostname=server_hostname
         )
+        assert isinstance(connection, _Connection)
+        connection._refused = self.refused
         offered = session or self.session_cache
         if offered is not None and not offer_session(self, connection, offered):
             connection.session = offered  # CPython's own path, which copies the session
@@ -263,9 +283,7 @@ def server_context(tls: ServerTLS, where: str, now: datetime | None = None) -> S
     """
     context = ServerContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(context, tls.min_version)
-    context.refused = refused_certificates()
-    if context.refused is not None and not context.refused.install(context):
-        context.refused = None
+    _keeping_refused(context)
     context.served = _load_pair(context, tls.cert, tls.key, tls.key_password_file, where)
     cas = _load_ca(context, tls.ca, where)
     if tls.crl is not None:
@@ -282,6 +300,7 @@ def client_context(tls: ClientTLS, where: str) -> ResumingClientContext:
     """An upstream context: verifies the server (name and chain) and presents our client cert."""
     context = ResumingClientContext(ssl.PROTOCOL_TLS_CLIENT)
     _harden(context, tls.min_version)
+    _keeping_refused(context)
     _load_ca(context, tls.ca, where)
     if tls.cert is not None and tls.key is not None:
         context.served = _load_pair(context, tls.cert, tls.key, tls.key_password_file, where)
