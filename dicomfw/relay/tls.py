@@ -5,6 +5,11 @@ ignores a CRL loaded later), and upstream contexts resume sessions: without resu
 one-image association pays a full mutual-TLS handshake. asyncio's ``create_connection`` takes no
 ``session=``, but both asyncio and uvloop create the TLS object through ``context.wrap_bio``,
 so a context subclass that passes the cached session there resumes on either loop.
+
+Every file is read and checked by ``tlsfiles`` before OpenSSL loads it, so an error names the
+file at fault. The same ``wrap_bio`` hook gives each connection a subclass of ``SSLObject``
+that keeps the certificate a refused peer presented (for the log and audit) and, on a
+listener, sends the refused client the TLS alert that the event loops would otherwise drop.
 """
 
 from __future__ import annotations
