@@ -9,7 +9,6 @@ import shutil
 import signal
 import socket
 import ssl
-import subprocess
 from pathlib import Path
 
 from cryptography import x509
@@ -27,17 +26,7 @@ from tests.harness import (
     server_context,
 )
 from tests.obs_harness import scrape, value, wait_until
-
-DICOMFW = shutil.which("dicomfw")
-
-
-def cli(*args: str | Path) -> str:
-    assert DICOMFW is not None
-    result = subprocess.run(
-        [DICOMFW, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+from tests.opshelpers import cli, installed_dicomfw
 
 
 def first_byte(port: int, context: ssl.SSLContext) -> bytes | str:
@@ -92,12 +81,13 @@ def test_crl_renewal_and_certificate_rotation_through_the_running_daemon(
     def crl_gauge() -> float:
         return value(scrape(metrics), "dicomfw_crl_next_update_timestamp_seconds")
 
-    assert DICOMFW is not None
     with running_scp(ssl_context=server_context(pki, pki.pacs)) as pacs:
         path = live_rules(tmp_path, pki, pacs.port, port, metrics)
         cli("certs", "revoke", "--ca", pki.ca_dir, "--cert", lost.cert, "--crl", crl,
             "--days", "3")  # fmt: skip
-        with running_process(DICOMFW, "run", "--config", path, ready_port=metrics) as daemon:
+        with running_process(
+            installed_dicomfw(), "run", "--config", path, ready_port=metrics
+        ) as daemon:
             assert crl_gauge() == next_update(crl)
             assert first_byte(port, revoked) == "SSLV3_ALERT_CERTIFICATE_REVOKED"
             assert first_byte(port, good) == b"\x02"  # A-ASSOCIATE-AC

@@ -31,17 +31,9 @@ from tests.harness import (
     scu,
     slow_tcp_proxy,
 )
+from tests.opshelpers import cli
 
 DICOMFW = shutil.which("dicomfw")
-
-
-def cli(*args: str | Path) -> str:
-    assert DICOMFW is not None
-    result = subprocess.run(
-        [DICOMFW, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
 
 
 class Site:

@@ -4,23 +4,14 @@ listener or upstream the rules name, and `check --config` over every endpoint's 
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from dicomfw.pki import certs
 from tests.harness import Pki, rules
+from tests.opshelpers import dicomfw
 from tests.pkihelpers import stale_crl
-
-DICOMFW = shutil.which("dicomfw")
-
-
-def dicomfw(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    assert DICOMFW is not None, "the dicomfw console script is not installed"
-    return subprocess.run(
-        [DICOMFW, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 @pytest.fixture

@@ -4,8 +4,6 @@ them (the CLI as a subprocess, the daemon's log)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,28 +11,25 @@ import pytest
 
 from dicomfw.service.daemon import reload
 from tests.harness import Pki, free_port, rules, running_firewall
+from tests.opshelpers import dicomfw
 from tests.pkihelpers import encrypted_key, stale_crl
-
-DICOMFW = shutil.which("dicomfw")
 
 #: A case: edits the rules text of ``rules(pki, ..., listener_tls=True)`` (files it made in the
 #: directory it is given) and returns the edited rules and the error line `check` must print.
 Case = Callable[[Path, Pki, str], tuple[str, str]]
 
 
-def dicomfw(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    assert DICOMFW is not None, "the dicomfw console script is not installed"
-    return subprocess.run(
-        [DICOMFW, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
+def another_pairs_key(key: Path, setting: str, cert: Path) -> str:
+    """The error line for ``key``, named at ``setting``, that is not ``cert``'s."""
+    return (
+        f"{key}: {setting}: does not belong to the certificate {cert} (their public keys differ:"
+        " a key of another certificate, or a certificate renewed with a new key?)"
     )
 
 
 def key_of_another_pair(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
-    return text.replace(f"key: {pki.fw_server.key}", f"key: {pki.pacs.key}"), (
-        f"{pki.pacs.key}: listeners.front.tls.key: does not belong to the certificate"
-        f" {pki.fw_server.cert} (their public keys differ: a key of another certificate, or a"
-        " certificate renewed with a new key?)"
-    )
+    edited = text.replace(f"key: {pki.fw_server.key}", f"key: {pki.pacs.key}")
+    return edited, another_pairs_key(pki.pacs.key, "listeners.front.tls.key", pki.fw_server.cert)
 
 
 def encrypted_key_without_password(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
@@ -113,11 +108,8 @@ def der_crl(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
 
 
 def upstream_key_of_another_pair(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
-    return text.replace(f"key: {pki.fw_client.key}", f"key: {pki.modality.key}"), (
-        f"{pki.modality.key}: upstreams.pacs.tls.key: does not belong to the certificate"
-        f" {pki.fw_client.cert} (their public keys differ: a key of another certificate, or a"
-        " certificate renewed with a new key?)"
-    )
+    edited = text.replace(f"key: {pki.fw_client.key}", f"key: {pki.modality.key}")
+    return edited, another_pairs_key(pki.modality.key, "upstreams.pacs.tls.key", pki.fw_client.cert)
 
 
 def atna_key_of_another_pair(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
@@ -125,11 +117,7 @@ def atna_key_of_another_pair(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
         f"audit: {{atna: {{host: 127.0.0.1, transport: tls, ca: {pki.ca},"
         f" cert: {pki.fw_client.cert}, key: {pki.pacs.key}}}}}\n"
     )
-    return text + atna, (
-        f"{pki.pacs.key}: audit.atna.key: does not belong to the certificate"
-        f" {pki.fw_client.cert} (their public keys differ: a key of another certificate, or a"
-        " certificate renewed with a new key?)"
-    )
+    return text + atna, another_pairs_key(pki.pacs.key, "audit.atna.key", pki.fw_client.cert)
 
 
 def crl_next_update(path: Path) -> str:

@@ -128,26 +128,16 @@ def check_paths(
 @dataclass
 class Survey:
     """What ``check_config`` found: one line per problem (``FILE: SETTING: problem``) and the
-    files it read, by kind."""
+    files it read, by kind; with the windows it checked against and the moment it did."""
 
+    warn_days: int
+    crl_warn_days: int
+    now: datetime
     problems: list[str] = field(default_factory=list)
     certificates: set[Path] = field(default_factory=set)
     keys: set[Path] = field(default_factory=set)
     cas: set[Path] = field(default_factory=set)
     crls: set[Path] = field(default_factory=set)
-
-    def add(self, path: Path, setting: str, problem: str) -> None:
-        line = f"{path}: {setting}: {problem}\n"
-        if line not in self.problems:  # a CA file several endpoints share is reported once
-            self.problems.append(line)
-
-    def read(self, endpoint: TlsEndpoint, read: Callable[[], T]) -> T | None:
-        """Run a ``tlsfiles`` reader; what it refuses is a problem with the file it names."""
-        try:
-            return read()
-        except TlsFileError as error:
-            self.add(error.path, f"{endpoint.setting}.{error.field}", error.message)
-            return None
 
     def summary(self) -> str:
         counts = [
@@ -157,6 +147,74 @@ class Survey:
             (len(self.crls), "CRL file"),
         ]
         return ", ".join(f"{n} {what}(s)" for n, what in counts)
+
+    def endpoint(self, endpoint: TlsEndpoint, extra: list[x509.Certificate]) -> None:
+        """Check one endpoint's files; ``extra`` CA certificates are accepted as anchors next
+        to its own."""
+        anchors = self._ca(endpoint)
+        self._pair(endpoint, [*(anchors or []), *extra])
+        if anchors is not None:
+            self._crl(endpoint, anchors)
+
+    def _add(self, path: Path, setting: str, problem: str) -> None:
+        line = f"{path}: {setting}: {problem}\n"
+        if line not in self.problems:  # a CA file several endpoints share is reported once
+            self.problems.append(line)
+
+    def _read(self, endpoint: TlsEndpoint, read: Callable[[], T]) -> T | None:
+        """Run a ``tlsfiles`` reader; what it refuses is a problem with the file it names."""
+        try:
+            return read()
+        except TlsFileError as error:
+            self._add(error.path, f"{endpoint.setting}.{error.field}", error.message)
+            return None
+
+    def _expiry(self, path: Path, setting: str, certificate: x509.Certificate) -> None:
+        info = certs.describe(certificate, self.now)
+        for problem in cert_problems(info, self.warn_days, self.now):
+            self._add(path, setting, f"{info.subject}: {problem}")
+
+    def _ca(self, endpoint: TlsEndpoint) -> list[x509.Certificate] | None:
+        """The endpoint's CA certificates (None if unreadable), each checked for expiry."""
+        ca = endpoint.ca
+        if ca is None:
+            return None
+        self.cas.add(ca)
+        anchors = self._read(endpoint, lambda: read_certificates(ca, "ca"))
+        for certificate in anchors or []:
+            self._expiry(ca, f"{endpoint.setting}.ca", certificate)
+        return anchors
+
+    def _pair(self, endpoint: TlsEndpoint, anchors: list[x509.Certificate]) -> None:
+        cert, key = endpoint.cert, endpoint.key
+        if cert is None or key is None:
+            return
+        self.certificates.add(cert)
+        self.keys.add(key)
+        setting = f"{endpoint.setting}.cert"
+        chain = self._read(endpoint, lambda: read_certificates(cert, "cert"))
+        if chain is None:
+            return
+        for certificate in chain:
+            self._expiry(cert, setting, certificate)
+        role = certs.role_problem(chain[0], endpoint.presents)
+        if role is not None:
+            self._add(cert, setting, f"not a {endpoint.presents} certificate: {role}")
+            return
+        problem = certs.chain_problem(chain[0], chain[1:], anchors, self.now) if anchors else None
+        if problem is not None:
+            self._add(cert, setting, f"does not chain to {endpoint.ca}: {problem}")
+        self._read(endpoint, lambda: read_pair(cert, key, endpoint.key_password_file))
+
+    def _crl(self, endpoint: TlsEndpoint, anchors: list[x509.Certificate]) -> None:
+        path = endpoint.crl
+        if path is None:
+            return
+        self.crls.add(path)
+        for crl in self._read(endpoint, lambda: read_crls(path)) or []:
+            info = certs.describe_crl(crl, anchors)
+            for problem in crl_problems(info, self.crl_warn_days, self.now, endpoint.ca):
+                self._add(path, f"{endpoint.setting}.crl", f"CRL of {info.issuer}: {problem}")
 
 
 def check_config(
@@ -174,86 +232,8 @@ def check_config(
     and open with the password file; every CA certificate must stay valid as long; a CRL must
     come from the endpoint's CA and not reach its nextUpdate within ``crl_warn_days``.
     """
-    when = now or datetime.now(UTC)
-    survey = Survey()
+    survey = Survey(warn_days, crl_warn_days, now or datetime.now(UTC))
     extra = read_certificates(extra_ca, "ca") if extra_ca is not None else []
     for endpoint in config.tls_endpoints():
-        anchors = _check_ca(survey, endpoint, warn_days, when)
-        _check_pair(survey, endpoint, [*(anchors or []), *extra], warn_days, when)
-        if anchors is not None:
-            _check_crl(survey, endpoint, anchors, crl_warn_days, when)
+        survey.endpoint(endpoint, extra)
     return survey
-
-
-def _expiry(
-    survey: Survey,
-    path: Path,
-    setting: str,
-    certificate: x509.Certificate,
-    warn_days: int,
-    now: datetime,
-) -> None:
-    info = certs.describe(certificate, now)
-    for problem in cert_problems(info, warn_days, now):
-        survey.add(path, setting, f"{info.subject}: {problem}")
-
-
-def _check_ca(
-    survey: Survey, endpoint: TlsEndpoint, warn_days: int, now: datetime
-) -> list[x509.Certificate] | None:
-    """The endpoint's CA certificates (None if unreadable), each checked for expiry."""
-    ca = endpoint.ca
-    if ca is None:
-        return None
-    survey.cas.add(ca)
-    anchors = survey.read(endpoint, lambda: read_certificates(ca, "ca"))
-    for certificate in anchors or []:
-        _expiry(survey, ca, f"{endpoint.setting}.ca", certificate, warn_days, now)
-    return anchors
-
-
-def _check_pair(
-    survey: Survey,
-    endpoint: TlsEndpoint,
-    anchors: list[x509.Certificate],
-    warn_days: int,
-    now: datetime,
-) -> None:
-    cert, key = endpoint.cert, endpoint.key
-    if cert is None or key is None:
-        return
-    survey.certificates.add(cert)
-    survey.keys.add(key)
-    setting = f"{endpoint.setting}.cert"
-    chain = survey.read(endpoint, lambda: read_certificates(cert, "cert"))
-    if chain is None:
-        return
-    for certificate in chain:
-        _expiry(survey, cert, setting, certificate, warn_days, now)
-    leaf = chain[0]
-    role = certs.role_problem(leaf, endpoint.presents)
-    if role is not None:
-        survey.add(cert, setting, f"not a {endpoint.presents} certificate: {role}")
-        return
-    if anchors:
-        problem = certs.chain_problem(leaf, chain[1:], anchors, now)
-        if problem is not None:
-            survey.add(cert, setting, f"does not chain to {endpoint.ca}: {problem}")
-    survey.read(endpoint, lambda: read_pair(cert, key, endpoint.key_password_file))
-
-
-def _check_crl(
-    survey: Survey,
-    endpoint: TlsEndpoint,
-    anchors: list[x509.Certificate],
-    warn_days: int,
-    now: datetime,
-) -> None:
-    path = endpoint.crl
-    if path is None:
-        return
-    survey.crls.add(path)
-    for crl in survey.read(endpoint, lambda: read_crls(path)) or []:
-        info = certs.describe_crl(crl, anchors)
-        for problem in crl_problems(info, warn_days, now, endpoint.ca):
-            survey.add(path, f"{endpoint.setting}.crl", f"CRL of {info.issuer}: {problem}")

@@ -143,46 +143,17 @@ class _ServerConnection(_Connection):
                 self._socket.send(alert)
 
 
-def _keeping_refused(context: ServerContext | ResumingClientContext) -> None:
+def _keeping_refused(context: _Context) -> None:
     """Have ``context`` keep the certificate a peer presented when OpenSSL refuses it."""
     refused = refused_certificates()
     if refused is not None and refused.install(context):
         context.refused = refused
 
 
-class ServerContext(ssl.SSLContext):
-    """A listener's context: connections that send their refusal's alert, and what the log and
-    the metrics say about it (the certificate it presents, the soonest nextUpdate of its CRLs).
-    """
-
-    sslobject_class = _ServerConnection
-    served: Served | None = None
-    crl_next_update: datetime | None = None
-    refused: RefusedCertificates | None = None
-
-    def wrap_bio(  # type: ignore[override]
-        self,
-        incoming: ssl.MemoryBIO,
-        outgoing: ssl.MemoryBIO,
-        server_side: bool = False,
-        server_hostname: str | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> ssl.SSLObject:
-        connection = super().wrap_bio(incoming, outgoing, server_side, server_hostname, session)
-        assert isinstance(connection, _ServerConnection)
-        connection._outgoing = outgoing
-        connection._socket = _ACCEPTED.get()
-        connection._refused = self.refused
-        return connection
-
-
-class ResumingClientContext(ssl.SSLContext):
-    """A client context that offers the last session it saw, one cache per upstream, and
-    keeps the certificate an upstream presented when it did not verify."""
+class _Context(ssl.SSLContext):
+    """A context whose connections keep the certificate a refused peer presented."""
 
     sslobject_class = _Connection
-    session_cache: ssl.SSLSession | None = None
-    served: Served | None = None  # our client certificate, if the upstream gets one
     refused: RefusedCertificates | None = None
 
     def wrap_bio(  # type: ignore[override]
@@ -198,10 +169,45 @@ class ResumingClientContext(ssl.SSLContext):
         )
         assert isinstance(connection, _Connection)
         connection._refused = self.refused
+        self._prepare(connection, outgoing, session)
+        return connection
+
+    def _prepare(
+        self, connection: _Connection, outgoing: ssl.MemoryBIO, session: ssl.SSLSession | None
+    ) -> None:
+        """What a kind of context does to each new connection before its handshake."""
+
+
+class ServerContext(_Context):
+    """A listener's context: connections that send their refusal's alert, and what the log and
+    the metrics say about it (the certificate it presents, the soonest nextUpdate of its CRLs).
+    """
+
+    sslobject_class = _ServerConnection
+    served: Served | None = None
+    crl_next_update: datetime | None = None
+
+    def _prepare(
+        self, connection: _Connection, outgoing: ssl.MemoryBIO, session: ssl.SSLSession | None
+    ) -> None:
+        assert isinstance(connection, _ServerConnection)
+        connection._outgoing = outgoing
+        connection._socket = _ACCEPTED.get()
+
+
+class ResumingClientContext(_Context):
+    """A client context that offers the last session it saw, one cache per upstream, and
+    keeps the certificate an upstream presented when it did not verify."""
+
+    session_cache: ssl.SSLSession | None = None
+    served: Served | None = None  # our client certificate, if the upstream gets one
+
+    def _prepare(
+        self, connection: _Connection, outgoing: ssl.MemoryBIO, session: ssl.SSLSession | None
+    ) -> None:
         offered = session or self.session_cache
         if offered is not None and not offer_session(self, connection, offered):
             connection.session = offered  # CPython's own path, which copies the session
-        return connection
 
     def remember(self, ssl_object: Any) -> None:
         """Keep the session of a finished handshake (for TLS 1.3, once its ticket arrived)."""
@@ -215,8 +221,8 @@ class ResumingClientContext(ssl.SSLContext):
         without a TLS close_notify (most DICOM peers just close after A-RELEASE-RP), which
         would spoil it for ``offer_session``. CPython's setter copies the session into a
         scratch connection that never starts, and its getter hands the copy back."""
-        scratch = super().wrap_bio(
-            ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=server_hostname
+        scratch = ssl.SSLContext.wrap_bio(  # no offer of the cached session (``_prepare``)
+            self, ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=server_hostname
         )
         scratch.session = session
         return scratch.session or session
