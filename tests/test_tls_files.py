@@ -4,6 +4,8 @@ them (the CLI as a subprocess, the daemon's log)."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,9 +55,9 @@ def wrong_password(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
 
 
 def ca_as_certificate(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
-    return text.replace(f"cert: {pki.fw_server.cert}", f"cert: {pki.ca}"), (
-        f"{pki.ca}: listeners.front.tls.cert: is a CA certificate (CN=dicomfw site CA): give"
-        " the endpoint's own certificate here and the CA as ca"
+    edited = text.replace(f"cert: {pki.fw_server.cert}", f"cert: {pki.ca}")
+    return edited, another_pairs_key(pki.fw_server.key, "listeners.front.tls.key", pki.ca) + (
+        f"; {pki.ca} holds a CA certificate, CN=dicomfw site CA: is it the CA file given as cert?"
     )
 
 
@@ -193,3 +195,25 @@ def test_check_warns_of_a_crl_near_its_next_update_and_still_passes(
         " renew it (dicomfw certs crl) and reload before then, or the listener refuses every"
         " client certificate\n"
     )
+
+
+def test_a_self_signed_server_certificate_from_openssl_req_still_loads(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """`openssl req -x509` marks its certificate a CA (basicConstraints cA): sites that pin
+    such a certificate keep working; only a key that does not match is an error."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl CLI not installed")
+    cert, key = tmp_path / "self.pem", tmp_path / "self.key"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-subj", "/CN=fw", "-days", "30"],
+        capture_output=True, timeout=60, check=True,
+    )  # fmt: skip
+    text = rules(pki, 11112, listener_tls=True)
+    text = text.replace(f"cert: {pki.fw_server.cert}", f"cert: {cert}")
+    path = tmp_path / "rules.yaml"
+    path.write_text(text.replace(f"key: {pki.fw_server.key}", f"key: {key}"))
+    result = dicomfw("check", "--config", path)
+    assert (result.returncode, result.stderr) == (0, "")

@@ -702,8 +702,6 @@ def role_problem(cert: x509.Certificate, presents: str) -> str | None:
     BCP 195's ECDHE suites and in TLS 1.3 (RFC 8446 §4.4.3) the certificate's key signs the
     handshake. OpenSSL refuses such a certificate in the peer's handshake, not when it loads.
     """
-    if is_ca(cert):
-        return "is a CA certificate, not an endpoint's"
     wanted = _PURPOSE[presents]
     try:
         purposes = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)

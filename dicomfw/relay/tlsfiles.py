@@ -166,24 +166,24 @@ def is_ca(certificate: x509.Certificate) -> bool:
 def read_pair(cert: Path, key: Path, password_file: Path | None) -> Pair:
     """The certificate an endpoint presents and its private key, checked to belong together.
 
-    The certificate must be an end entity's: a CA certificate named as ``cert`` is almost always
-    the CA file given in the wrong place.
+    A CA certificate is allowed (a self-signed server certificate often has basicConstraints
+    cA), but when the key does not match one, the likely mistake is named: the CA file given
+    as ``cert``.
     """
     chain = read_certificates(cert, "cert")
-    if is_ca(chain[0]):
-        raise TlsFileError(
-            cert,
-            "cert",
-            f"is a CA certificate ({chain[0].subject.rfc4514_string()}): give the endpoint's own"
-            " certificate here and the CA as ca",
-        )
     private, password = _private_key(key, password_file)
     if not same_public_key(chain[0], private):
+        hint = (
+            f"; {cert} holds a CA certificate, {chain[0].subject.rfc4514_string()}: is it the CA"
+            " file given as cert?"
+            if is_ca(chain[0])
+            else ""
+        )
         raise TlsFileError(
             key,
             "key",
             f"does not belong to the certificate {cert} (their public keys differ: a key of"
-            " another certificate, or a certificate renewed with a new key?)",
+            f" another certificate, or a certificate renewed with a new key?){hint}",
         )
     return Pair(chain, private, password)
 
