@@ -622,3 +622,24 @@ def test_days_left_are_counted_as_an_admin_counts_them(
     )  # fmt: skip
     status, text, _ = run(capsys, "check", old.cert)
     assert status == 1 and text.endswith(" UTC (1 day ago)\n")
+
+
+def test_show_says_what_a_file_holds_when_it_is_no_certificate(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Never a parser's framing error: what the admin gave instead, and what to do."""
+    status, out, err = run(capsys, "show", site.server.key)
+    assert (status, out) == (2, "")
+    assert err == f"dicomfw certs: {site.server.key}: holds a private key, not a certificate\n"
+    pem = tmp_path / "ca.crl"
+    certs.revoke(site.ca_dir, site.client.cert, pem)
+    der = tmp_path / "ca.der"
+    der.write_bytes(
+        x509.load_pem_x509_crl(pem.read_bytes()).public_bytes(serialization.Encoding.DER)
+    )
+    status, _, err = run(capsys, "check", der)
+    assert status == 2
+    assert err == (
+        f"dicomfw certs: {der}: is a DER CRL; OpenSSL loads PEM: openssl crl -inform DER -in"
+        f" {der} -out {der}.pem\n"
+    )

@@ -65,8 +65,7 @@ def key_as_ca(tmp: Path, pki: Pki, text: str) -> tuple[str, str]:
     listener_ca = f"key: {pki.fw_server.key}, ca: {pki.ca}"
     edited = text.replace(listener_ca, f"key: {pki.fw_server.key}, ca: {pki.fw_server.key}")
     return edited, (
-        f"{pki.fw_server.key}: listeners.front.tls.ca: holds no readable PEM certificate"
-        " (-----BEGIN CERTIFICATE-----)"
+        f"{pki.fw_server.key}: listeners.front.tls.ca: holds a private key, not a certificate"
     )
 
 

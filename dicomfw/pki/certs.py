@@ -47,6 +47,7 @@ from cryptography.x509.verification import (
 from dicomfw.errors import DicomfwError
 from dicomfw.relay.tlsfiles import (
     TlsFileError,
+    certificates_in,
     crl_issuer,
     is_ca,
     read_crls,
@@ -314,10 +315,9 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _load_certs(path: Path) -> list[x509.Certificate]:
-    try:
-        return x509.load_pem_x509_certificates(_read(path))
-    except ValueError as exc:
-        raise CertError(f"no readable PEM certificate: {exc}", path) from exc
+    data = _read(path)
+    with _file_errors():
+        return certificates_in(path, "cert", data)
 
 
 def _load_key(path: Path) -> PrivateKeyTypes:
@@ -945,8 +945,16 @@ def describe_crl(
 
 
 def is_crl_file(path: Path) -> bool:
-    """Whether ``path`` holds CRLs rather than certificates (``certs show``/``check`` take both)."""
-    return b"-----BEGIN X509 CRL-----" in _read(path)
+    """Whether ``path`` holds CRLs (PEM, or DER) rather than certificates: ``certs show`` and
+    ``check`` take both."""
+    data = _read(path)
+    if b"-----BEGIN X509 CRL-----" in data:
+        return True
+    try:
+        x509.load_der_x509_crl(data)
+    except ValueError:
+        return False
+    return True
 
 
 def inspect_crls(path: Path, ca: Path | None = None) -> list[CrlInfo]:

@@ -101,12 +101,36 @@ def _read(path: Path, field: str) -> bytes:
 
 def read_certificates(path: Path, field: str) -> list[x509.Certificate]:
     """Every PEM certificate in ``path``, in file order (a leaf and its chain, or CAs)."""
+    return certificates_in(path, field, _read(path, field))
+
+
+def certificates_in(path: Path, field: str, data: bytes) -> list[x509.Certificate]:
+    """Every PEM certificate in ``data``, read from ``path``; when there is none, what the file
+    holds instead, as far as it can be told (a key, a CRL, a DER certificate)."""
     try:
-        return x509.load_pem_x509_certificates(_read(path, field))
-    except ValueError as error:
-        raise TlsFileError(
-            path, field, "holds no readable PEM certificate (-----BEGIN CERTIFICATE-----)"
-        ) from error
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        pass
+    if b"PRIVATE KEY-----" in data:
+        problem = "holds a private key, not a certificate"
+    elif _CRL_PEM.search(data):
+        problem = "holds a CRL, not a certificate"
+    elif _is_der_certificate(data):
+        problem = (
+            f"is a DER certificate; OpenSSL loads PEM: openssl x509 -inform DER -in {path}"
+            f" -out {path}.pem"
+        )
+    else:
+        problem = "holds no readable PEM certificate (-----BEGIN CERTIFICATE-----)"
+    raise TlsFileError(path, field, problem)
+
+
+def _is_der_certificate(data: bytes) -> bool:
+    try:
+        x509.load_der_x509_certificate(data)
+    except ValueError:
+        return False
+    return True
 
 
 def _password(path: Path) -> bytes:
