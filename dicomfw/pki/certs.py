@@ -49,6 +49,7 @@ from dicomfw.relay.tlsfiles import (
     TlsFileError,
     certificates_in,
     crl_issuer,
+    holds_crls,
     is_ca,
     read_crls,
     read_pair,
@@ -947,14 +948,7 @@ def describe_crl(
 def is_crl_file(path: Path) -> bool:
     """Whether ``path`` holds CRLs (PEM, or DER) rather than certificates: ``certs show`` and
     ``check`` take both."""
-    data = _read(path)
-    if b"-----BEGIN X509 CRL-----" in data:
-        return True
-    try:
-        x509.load_der_x509_crl(data)
-    except ValueError:
-        return False
-    return True
+    return holds_crls(_read(path))
 
 
 def inspect_crls(path: Path, ca: Path | None = None) -> list[CrlInfo]:

@@ -17,6 +17,7 @@ certificate ("unable to get certificate CRL"), with the same result.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -115,7 +116,7 @@ def certificates_in(path: Path, field: str, data: bytes) -> list[x509.Certificat
         problem = "holds a private key, not a certificate"
     elif _CRL_PEM.search(data):
         problem = "holds a CRL, not a certificate"
-    elif _is_der_certificate(data):
+    elif _parses(x509.load_der_x509_certificate, data):
         problem = (
             f"is a DER certificate; OpenSSL loads PEM: openssl x509 -inform DER -in {path}"
             f" -out {path}.pem"
@@ -125,12 +126,17 @@ def certificates_in(path: Path, field: str, data: bytes) -> list[x509.Certificat
     raise TlsFileError(path, field, problem)
 
 
-def _is_der_certificate(data: bytes) -> bool:
+def _parses(load: Callable[[bytes], object], data: bytes) -> bool:
     try:
-        x509.load_der_x509_certificate(data)
+        load(data)
     except ValueError:
         return False
     return True
+
+
+def holds_crls(data: bytes) -> bool:
+    """Whether a file's ``data`` holds CRLs (PEM, or a DER CRL) rather than certificates."""
+    return bool(_CRL_PEM.search(data)) or _parses(x509.load_der_x509_crl, data)
 
 
 def _password(path: Path) -> bytes:
@@ -217,10 +223,8 @@ def _crl_blocks(path: Path, data: bytes) -> list[bytes]:
     blocks: list[bytes] = _CRL_PEM.findall(data)
     if blocks:
         return blocks
-    try:
-        x509.load_der_x509_crl(data)
-    except ValueError:
-        raise TlsFileError(path, "crl", "holds no PEM CRL (-----BEGIN X509 CRL-----)") from None
+    if not _parses(x509.load_der_x509_crl, data):
+        raise TlsFileError(path, "crl", "holds no PEM CRL (-----BEGIN X509 CRL-----)")
     raise TlsFileError(
         path,
         "crl",
