@@ -1,7 +1,7 @@
 """``dicomfw certs …``: argparse wiring for the certificate life cycle in :mod:`dicomfw.pki.certs`.
 
-Exit status: 0 done / all good, 1 ``check`` found certificates to act on, 2 an error, printed
-to stderr as ``dicomfw certs: <file>: <problem>``.
+Exit status: 0 done / all good, 1 ``check`` found certificates, keys, CAs or CRLs to act on
+(``dicomfw.pki.checks``), 2 an error, printed to stderr as ``dicomfw certs: <file>: <problem>``.
 """
 
 from __future__ import annotations

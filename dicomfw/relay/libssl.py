@@ -2,7 +2,7 @@
 
 dicomfw needs three things from OpenSSL that ``ssl`` has no API for: offering a cached session
 without CPython's copy of it (``resume.py``), handing an idle connection's record buffers
-back (``BufferRelease``), and learning which certificate a refused client presented
+back (``BufferRelease``), and learning which certificate a refused peer presented
 (``RefusedCertificates``). All take pointers out of CPython's ``_ssl`` objects. That is done
 only when the object layouts are the ones this module knows (CPython 3.11 release build: the
 type sizes below) and the libssl in this process is the one ``_ssl`` was built for; and before
@@ -200,17 +200,18 @@ class BufferRelease:
 
 
 class RefusedCertificates:
-    """Keeps the certificate a client presented when OpenSSL refuses it, for the log and audit.
+    """Keeps the certificate a peer presented when OpenSSL refuses it, for the log and audit.
 
-    OpenSSL frees a client's certificate chain when its verification fails, before the
+    OpenSSL frees a peer's certificate chain when its verification fails, before the
     handshake error reaches Python, so ``getpeercert`` has nothing to show. A certificate
     verify callback (SSL_CTX_set_cert_verify_callback(3)) runs OpenSSL's own verification,
     ``X509_verify_cert``, exactly as it would have run, and when that fails keeps the leaf's
     DER encoding under its connection's ``SSL *`` until ``take`` collects it. The verdict is
-    always OpenSSL's. Cost: one callback per full handshake that verifies a client certificate
-    (resumed sessions verify nothing): ~1 µs (entering a ctypes callback ~0.4 µs, one call)
-    against the ~1.1 ms of server CPU such a handshake takes; 30 paired rounds of 200
-    handshakes with and without it differed by nothing beyond the noise.
+    always OpenSSL's. Cost: one callback per full handshake that verifies a certificate (a
+    client's on a listener, the upstream's toward it; resumed sessions verify nothing): ~1 µs
+    (entering a ctypes callback ~0.4 µs, one call) against the ~1.1 ms of server CPU such a
+    handshake takes; 30 paired rounds of 200 handshakes with and without it differed by
+    nothing beyond the noise.
     """
 
     __slots__ = ("_callback", "_lib", "_refused")
@@ -224,14 +225,14 @@ class RefusedCertificates:
         self._callback = CertVerifyCallback(self._verify)  # referenced as long as the context
 
     def install(self, context: ssl.SSLContext) -> bool:
-        """Verify ``context``'s client certificates through this object; False if declined."""
+        """Verify ``context``'s peer certificates through this object; False if declined."""
         ctx = context_handle(self._lib, context)
         if ctx:
             self._lib.set_cert_verify_callback(ctx, self._callback, None)
         return bool(ctx)
 
     def take(self, connection: ssl.SSLObject) -> bytes | None:
-        """The DER certificate ``connection``'s client presented, if OpenSSL refused it."""
+        """The DER certificate ``connection``'s peer presented, if OpenSSL refused it."""
         handle = connection_handle(self._lib, connection)
         return self._refused.pop(handle, None) if handle else None
 
@@ -261,5 +262,5 @@ class RefusedCertificates:
 
 
 def refused_certificates() -> RefusedCertificates | None:
-    """A keeper of refused client certificates, or None where this interpreter declines."""
+    """A keeper of refused peer certificates, or None where this interpreter declines."""
     return RefusedCertificates(LIBSSL) if LIBSSL is not None else None

@@ -55,7 +55,7 @@ _PRESENTED: Final = "dicomfw_presented_certificate"
 
 @dataclass(frozen=True, slots=True)
 class RefusedCertificate:
-    """The certificate a client presented in a handshake that refused it: what the log line and
+    """The certificate a peer presented in a handshake that refused it: what the log line and
     the audit record of the refusal name (it comes from the network, like an AE title)."""
 
     subject: str
@@ -83,7 +83,7 @@ def _octets(number: int) -> int:
 
 
 def refused_certificate(error: BaseException) -> RefusedCertificate | None:
-    """The certificate the client presented, when ``error`` ended a listener's handshake."""
+    """The certificate the peer presented, when ``error`` ended a handshake that refused it."""
     presented = getattr(error, _PRESENTED, None)
     return presented if isinstance(presented, RefusedCertificate) else None
 

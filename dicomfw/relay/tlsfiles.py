@@ -31,12 +31,20 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from dicomfw.errors import DicomfwError
 
 __all__ = [
+    "CRL_WARN_DAYS",
     "Pair",
     "Served",
     "TlsFileError",
+    "certificates_in",
+    "check_crl",
+    "crl_issuer",
+    "holds_crls",
+    "is_ca",
+    "next_update",
     "read_certificates",
     "read_crls",
     "read_pair",
+    "same_public_key",
 ]
 
 #: How close to its nextUpdate a CRL gets a warning (at start and reload, in ``dicomfw check``
@@ -239,7 +247,9 @@ def read_crls(path: Path) -> list[x509.CertificateRevocationList]:
         try:
             crls.append(x509.load_pem_x509_crl(block))
         except ValueError as error:
-            raise TlsFileError(path, "crl", f"holds a damaged CRL: {error}") from error
+            raise TlsFileError(
+                path, "crl", "holds a damaged CRL (its PEM does not decode)"
+            ) from error
     return crls
 
 
