@@ -519,12 +519,16 @@ class Session:
         self._setup = pdu.PduBuffer(self._max_pdu)
         return [Send(Side.UPSTREAM, [self._upstream_rq])]
 
-    def upstream_failed(self, detail: str) -> list[Command]:
-        """The upstream could not be reached: a transient refusal the modality will retry."""
+    def upstream_failed(self, detail: str, why: str = "upstream_unreachable") -> list[Command]:
+        """The upstream could not be reached: a transient refusal the modality will retry.
+
+        ``why`` says how, from the relay's fixed set: upstream_unreachable (down, refusing,
+        silent), upstream_certificate_invalid (its certificate did not verify),
+        upstream_tls_failed (the TLS handshake failed otherwise, e.g. it refused ours). The
+        requester's A-ASSOCIATE-RJ is the same for all: it can only retry later."""
         if self.state is not State.AWAIT_UPSTREAM:
             return []
-        reject = Reject(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, 1, "upstream_unreachable", detail)
-        return self._reject(reject)
+        return self._reject(Reject(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, 1, why, detail))
 
     def connection_lost(self, side: Side) -> list[Command]:
         """``side`` closed its connection (or it broke)."""

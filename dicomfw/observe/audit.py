@@ -332,7 +332,20 @@ class AuditTrail:
         elif kind is Refused:
             assert isinstance(event, Refused)
             record = _who(self._pid, info, "connection_refused")
-            record.update(reason=event.why, cause=event.cause or None, detail=event.detail)
+            presented = event.certificate
+            record.update(
+                reason=event.why,
+                cause=event.cause or None,
+                detail=event.detail,
+                presented_certificate=None
+                if presented is None
+                else {
+                    "subject": presented.subject,
+                    "issuer": presented.issuer,
+                    "serial": presented.serial,
+                    "sha256": presented.sha256,
+                },
+            )
             self._submit(record)
 
     def _request_record(

@@ -42,8 +42,18 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
         "via": info.proxied_by,  # the load balancer that reported ``peer`` (PROXY protocol)
     }
     if isinstance(event, Refused):
+        presented = event.certificate  # a refused TLS client's certificate: which one it was
         log_event(
-            log, logging.WARNING, "connection_refused", **where, why=event.why, detail=event.detail
+            log,
+            logging.WARNING,
+            "connection_refused",
+            **where,
+            why=event.why,
+            cause=event.cause or None,
+            detail=event.detail,
+            subject=presented.subject if presented is not None else None,
+            issuer=presented.issuer if presented is not None else None,
+            serial=presented.serial if presented is not None else None,
         )
     elif isinstance(event, AssociationRejected):
         log_event(
