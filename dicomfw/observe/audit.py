@@ -36,6 +36,7 @@ from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
+    ContentRefused,
     Event,
     RequestFailed,
     RequestRefused,
@@ -310,6 +311,31 @@ class AuditTrail:
                 detail=event.detail,
                 by_upstream=event.by_upstream,
                 rejection={"result": event.result, "source": event.source, "reason": event.reason},
+            )
+            self._submit(record)
+        elif kind is ContentRefused:
+            assert isinstance(event, ContentRefused)
+            facts = self._facts.get(id(info))
+            if facts is not None and event.side == "requester" and event.action == "refused":
+                row = facts.row(event.service, event.sop_class)
+                row[_INDEX["requests"]] += event.count
+                row[_INDEX["refused"]] += event.count
+            record = _who(self._pid, info, "content_refused")
+            record.update(
+                calling_ae=info.calling_ae,
+                called_ae=info.called_ae,
+                route=info.route,
+                side=event.side,
+                service=event.service,
+                sop_class=name_of(event.sop_class) if event.sop_class else None,
+                sop_class_uid=event.sop_class or None,
+                message_id=event.message_id,
+                action=event.action,
+                status=f"0x{event.status:04X}" if event.status else None,
+                reason=event.check,
+                kind=event.kind,
+                detail=event.detail,
+                count=event.count,
             )
             self._submit(record)
         elif kind is WouldRefuse:

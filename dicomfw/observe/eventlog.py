@@ -13,6 +13,7 @@ from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
+    ContentRefused,
     Event,
     RequestFailed,
     RequestRefused,
@@ -103,6 +104,22 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             sop_class=name_of(event.sop_class),
             status=f"0x{event.status:04X}",
             why=event.why,
+            count=event.count,
+            detail=event.detail,
+        )
+    elif isinstance(event, ContentRefused):
+        log_event(
+            log,
+            logging.WARNING,
+            "content_refused",
+            **where,
+            calling_ae=info.calling_ae,
+            side=event.side,
+            service=event.service,
+            sop_class=name_of(event.sop_class) if event.sop_class else None,
+            check=event.check,
+            action=event.action,
+            status=f"0x{event.status:04X}" if event.status else None,
             count=event.count,
             detail=event.detail,
         )
