@@ -152,6 +152,16 @@ class Wakeup:
 
 
 @dataclass(frozen=True, slots=True)
+class Scan:
+    """Hand ``data`` (a data set the route's ``scan`` names, whole) to the external scanner and
+    give its verdict to ``Session.scan_done(side, ...)``; meanwhile ``side``'s message is held
+    and nothing after it read."""
+
+    side: Side
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class CheckLimits:
     """Ask the shared limit store (``Limiter(shared=True)``) and give its answer to
     ``Session.limits_answered``: a ``Reject`` or None for an ``AssociationQuery``; a
@@ -249,6 +259,19 @@ class ContentRefused:
 
 
 @dataclass(frozen=True, slots=True)
+class Scanned:
+    """What the external scanner said of a data set: ``clean``, ``found`` (``detail`` names the
+    signature), ``error`` (it could not answer: the route's ``fail`` decided), or ``skipped``
+    (larger than the scanner takes)."""
+
+    side: str
+    service: str
+    sop_class: str
+    result: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RequestFailed:
     """The upstream answered a request with a failure status (counted in ``RequestTally`` too;
     this event is for the audit record of the failure)."""
@@ -331,13 +354,22 @@ Event = (
     | AssociationAccepted
     | RequestRefused
     | ContentRefused
+    | Scanned
     | WouldRefuse
     | RequestFailed
     | RequestTally
     | AssociationEnded
 )
 Command = (
-    Send | ConnectUpstream | Close | Wakeup | CheckLimits | PauseReading | ResumeReading | Event
+    Send
+    | ConnectUpstream
+    | Close
+    | Wakeup
+    | CheckLimits
+    | Scan
+    | PauseReading
+    | ResumeReading
+    | Event
 )
 
 
@@ -400,6 +432,7 @@ class _Hold:
         "forwarded",
         "held",
         "inspector",
+        "scan",
         "sop_class",
         "waiting",
     )
@@ -411,13 +444,15 @@ class _Hold:
         self.delayed = False  # a ``Wakeup`` is due
         self.waiting = False  # the shared limit store's answer is due
         self.inspector: DataSetInspector | None = None  # content validation of its data set
+        #: the whole data set for the external scanner, until it has answered (None: no scan)
+        self.scan: bytearray | None = None
         self.held = 0  # data-set bytes held
         self.ended = False  # the whole message has been read
         self.forwarded = False
 
     @property
     def ready(self) -> bool:
-        return not (self.delayed or self.waiting)
+        return not (self.delayed or self.waiting or self.scan is not None)
 
 
 class _ContentAbort(Exception):
@@ -428,6 +463,9 @@ class _ContentAbort(Exception):
         self.side, self.hold, self.finding = side, hold, finding
 
 
+#: SOP classes of encapsulated documents (PDF, CDA, STL, OBJ, MTL: PS3.4 Annex B.5), the
+#: data sets ``scan: documents`` hands the scanner.
+_DOCUMENTS: Final = "1.2.840.10008.5.1.4.1.1.104."
 #: What a message held for an answer may buffer before its side is no longer read.
 MAX_HELD_BYTES: Final = 1_048_576
 
@@ -1056,6 +1094,7 @@ class Session:
         if inspector is not None:
             hold = hold or _Hold(context_id, command, sop_class)
             hold.inspector = inspector
+            hold.scan = self._scan_buffer(command)
         if hold is not None:
             self._holds[Side.REQUESTER] = hold
             return HOLD
@@ -1135,6 +1174,10 @@ class Session:
             return FORWARD
         hold.held += len(fragment)
         hold.ended = last
+        if hold.scan is not None and not hold.forwarded:
+            unscanned = self._collect_for_scan(side, hold, fragment)
+            if unscanned is not None:
+                return self._refuse_content(side, hold, unscanned)
         inspector = hold.inspector
         if inspector is not None:
             for finding in inspector.feed(fragment, last):
@@ -1145,6 +1188,8 @@ class Session:
                     raise _ContentAbort(side, hold, finding)
                 else:
                     return self._refuse_content(side, hold, finding)
+        if last and hold.scan is not None and not hold.forwarded:
+            self._events.append(Scan(side, bytes(hold.scan)))
         if not hold.forwarded and hold.ready and self._first_part_passed(hold):
             hold.forwarded = True
             self._passed(side, hold)
@@ -1152,10 +1197,64 @@ class Session:
             if last:
                 del self._holds[side]
             return FORWARD
-        if hold.held > MAX_HELD_BYTES and not last:
+        if hold.held > MAX_HELD_BYTES and not last and hold.scan is None:
             self._stream_from(side).halt()
             self._settling.add(side)
         return HOLD
+
+    def _collect_for_scan(self, side: Side, hold: _Hold, fragment: memoryview) -> Finding | None:
+        """Keep a fragment for the scanner, up to what it takes; a data set larger than that is
+        not scanned: with ``fail: closed`` it is refused (the finding returned), else it goes
+        on unscanned."""
+        content = self.route.content if self.route is not None else None
+        assert content is not None and hold.scan is not None
+        if len(hold.scan) + len(fragment) <= content.scan_max_bytes:
+            hold.scan += fragment
+            return None
+        hold.scan = None
+        detail = f"larger than the {content.scan_max_bytes} bytes the scanner takes"
+        service = _service_name(hold.command.command_field)
+        self._events.append(Scanned(side.value, service, hold.sop_class, "skipped", detail))
+        finding = Finding("scan_unavailable", Kind.TOO_LARGE, f"not scanned: {detail}")
+        if content.scan_fail == "closed" and self._enforced(finding):
+            return finding
+        return None
+
+    def _scan_buffer(self, command: DimseCommand) -> bytearray | None:
+        """An empty buffer when the route's ``scan`` wants this message's data set scanned:
+        ``instances`` every C-STORE, ``documents`` those of an Encapsulated Document class."""
+        content = self.route.content if self.route is not None else None
+        if content is None or command.command_field != 0x0001 or content.scan == "off":
+            return None
+        if content.scan == "documents" and not command.sop_class.startswith(_DOCUMENTS):
+            return None
+        return bytearray()
+
+    def scan_done(self, side: Side, result: str, detail: str = "") -> list[Command]:
+        """The scanner's verdict on the data set ``Scan`` handed it: ``clean``, ``found``
+        (``detail``: the signature), or ``error`` (``detail``: why it could not answer)."""
+        hold = self._holds.get(side)
+        if self.state is not State.ESTABLISHED or hold is None or hold.scan is None:
+            return []
+        assert self.route is not None and self.route.content is not None
+        content = self.route.content
+        hold.scan = None
+        self._events = []
+        service = _service_name(hold.command.command_field)
+        self._events.append(Scanned(side.value, service, hold.sop_class, result, detail))
+        finding = None
+        if result == "found":
+            finding = Finding("malware", Kind.FORBIDDEN, f"the scanner found {detail}")
+        elif result != "clean" and content.scan_fail == "closed":
+            finding = Finding("scan_unavailable", Kind.TOO_LARGE, f"not scanned: {detail}")
+        if finding is not None and not self._enforced(finding):
+            self._report(self._would_refuse_content(hold, finding))
+            finding = None
+        if finding is None:
+            events, self._events = self._events, []
+            return events + self._answered(side, hold)
+        refused = finding
+        return self._settle_refused(side, lambda: self._refuse_content(side, hold, refused))
 
     def _first_part_passed(self, hold: _Hold) -> bool:
         """No content check holds the message any longer: the checks of its first part ran, or
@@ -1202,7 +1301,7 @@ class Session:
         A request's sender gets its failure response; a response is replaced by a failure
         toward the other side, and a pending one's request is cancelled at its sender (whose
         further responses to it are dropped)."""
-        del self._holds[side]
+        self._holds.pop(side, None)
         command, context_id = hold.command, hold.context_id
         status = content_status(finding.kind, command.command_field)
         answer = encode_response(command, status, f"dicomfw: {finding.check}")
@@ -1255,20 +1354,31 @@ class Session:
 
     def _refuse_held(self, hold: _Hold, refusal: Refuse) -> list[Command]:
         """The shared store refused a held request: cut it out and answer it ourselves."""
-        assert self._to_upstream is not None
-        out = self._to_upstream.settle(False)
-        del self._holds[Side.REQUESTER]
-        self._settling.discard(Side.REQUESTER)
         self._events = []
-        commands: list[Command] = [Send(Side.UPSTREAM, out)] if out else []
+        del self._holds[Side.REQUESTER]
+        return self._settle_refused(
+            Side.REQUESTER,
+            lambda: self._refuse_request(hold.context_id, hold.command, hold.sop_class, refusal),
+        )
+
+    def _settle_refused(self, side: Side, answer: Callable[[], object]) -> list[Command]:
+        """A held message refused outside a read (an answer that came later): cut it out of
+        ``side``'s stream, let ``answer`` answer it, then read ``side`` again."""
+        out = self._stream_from(side).settle(False)
+        self._holds.pop(side, None)
+        self._settling.discard(side)
+        commands: list[Command] = [Send(side.other, out)] if out else []
         try:
-            self._refuse_request(hold.context_id, hold.command, hold.sop_class, refusal)
+            answer()
         except _CutOff as cut:
             reason = pdu.ABORT_REASON_NOT_SPECIFIED
             return commands + self._end_feed(Side.REQUESTER, reason, "too_many_refusals", str(cut))
-        replies, self._replies = self._replies, []
-        if replies:
-            commands.append(Send(Side.REQUESTER, replies))
+        if self._replies:
+            commands.append(Send(Side.REQUESTER, self._replies))
+            self._replies = []
+        if self._upstream_replies:
+            commands.append(Send(Side.UPSTREAM, self._upstream_replies))
+            self._upstream_replies = []
         events, self._events = self._events, []
         return commands + events + self._flow()
 
@@ -1312,6 +1422,7 @@ class Session:
             return FORWARD
         hold = _Hold(context_id, command, command.sop_class)
         hold.inspector = inspector
+        hold.scan = self._scan_buffer(command)
         self._holds[side] = hold
         return HOLD
 

@@ -51,6 +51,7 @@ from dicomfw.core.session import (
     Event,
     RequestRefused,
     RequestTally,
+    Scanned,
     WouldRefuse,
 )
 from dicomfw.core.uids import name_of
@@ -123,6 +124,13 @@ class Metrics:
             "what the firewall did (refused: answered; replaced: a response replaced by a "
             "failure; aborted: found after forwarding began).",
             ["listener", "side", "check", "action"],
+            registry=r,
+        )
+        self.scans = Counter(
+            "dicomfw_scans_total",
+            "Data sets handed to the external scanner, by result: clean, found, error (it "
+            "could not answer; the route's fail decided), skipped (larger than it takes).",
+            ["listener", "result"],
             registry=r,
         )
         self.would_refuse = Counter(
@@ -331,6 +339,9 @@ class Metrics:
             self._child(self.content, info.listener, event.side, event.check, event.action).inc(
                 event.count
             )
+        elif kind is Scanned:
+            assert isinstance(event, Scanned)
+            self._child(self.scans, info.listener, event.result).inc()
         elif kind is WouldRefuse:
             assert isinstance(event, WouldRefuse)
             self._child(self.would_refuse, info.listener, event.stage, event.why).inc(event.count)
