@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dicomfw import __version__, logsetup
 from dicomfw.config.describe import describe
+from dicomfw.config.load import load_config
 from dicomfw.errors import ConfigErrors
 from dicomfw.pki import cli as pki_cli
 
@@ -44,10 +45,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     from dicomfw.service.daemon import load_runtime
 
     try:
-        runtime = load_runtime(args.config)
+        if args.syntax_only:
+            config = load_config(args.config, check_files=False)
+        else:
+            config = load_runtime(args.config).config
     except ConfigErrors as errors:
         return _config_errors(errors)
-    sys.stdout.write(describe(runtime.config))
+    sys.stdout.write(describe(config))
     sys.stdout.write(f"\n{args.config}: OK\n")
     return 0
 
@@ -93,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate a rules file and show what it means")
     check.add_argument("--config", "-c", type=Path, required=True)
+    check.add_argument(
+        "--syntax-only",
+        action="store_true",
+        help="check the rules without opening the certificate, key and CRL files they name",
+    )
     check.set_defaults(func=cmd_check)
 
     reload = commands.add_parser("reload", help="make a running daemon re-read rules and certs")
