@@ -56,6 +56,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from dicomfw.admin import schema
+
+    sys.stdout.write(schema.shipped())
+    return 0
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     """Send SIGHUP to a running daemon (systemd's ExecReload does the same with $MAINPID)."""
     try:
@@ -103,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the rules without opening the certificate, key and CRL files they name",
     )
     check.set_defaults(func=cmd_check)
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of the rules file (for editors: yaml-language-server)",
+    )
+    schema.set_defaults(func=cmd_schema)
 
     reload = commands.add_parser("reload", help="make a running daemon re-read rules and certs")
     target = reload.add_mutually_exclusive_group(required=True)
