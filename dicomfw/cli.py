@@ -16,11 +16,13 @@ from dicomfw.errors import ConfigErrors
 from dicomfw.pki import cli as pki_cli
 
 
-def _config_errors(errors: ConfigErrors) -> int:
+def _config_errors(
+    errors: ConfigErrors, status: int = 1, outcome: str = "nothing was started"
+) -> int:
     for error in errors.errors:
         sys.stderr.write(f"{error}\n")
-    sys.stderr.write(f"dicomfw: {len(errors.errors)} error(s); nothing was started\n")
-    return 1
+    sys.stderr.write(f"dicomfw: {len(errors.errors)} error(s); {outcome}\n")
+    return status
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -54,6 +56,44 @@ def cmd_check(args: argparse.Namespace) -> int:
     sys.stdout.write(describe(config))
     sys.stdout.write(f"\n{args.config}: OK\n")
     return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Exit status 0: allowed; 1: refused (or let through by monitor mode only); 2: bad input."""
+    from dicomfw.admin import explain
+    from dicomfw.admin.locate import Locator
+    from dicomfw.admin.records import BadRecord, attempt_of, parse_line
+
+    try:
+        config = load_config(args.config, check_files=False)
+    except ConfigErrors as errors:
+        return _config_errors(errors, 2, "nothing was explained")
+    locator = Locator(args.config)
+    described = (args.listener, args.source, args.calling, args.called)
+    if (args.event is None) == (None in described):
+        sys.stderr.write(
+            "dicomfw explain: give --event, or --listener, --from, --calling and --called\n"
+        )
+        return 2
+    status = 0
+    try:
+        if args.event is None:
+            identity = None if args.cert is None else explain.identity_from_pem(args.cert)
+            attempt = explain.attempt_from_arguments(
+                *described, identity, args.context, args.request
+            )
+            attempts = [attempt]
+        else:
+            lines = sys.stdin.read().splitlines() if args.event == "-" else [args.event]
+            attempts = [attempt_of(parse_line(line)) for line in lines if line.strip()]
+        answers = [explain.explain(config, locator, attempt) for attempt in attempts]
+    except (BadRecord, explain.BadInput) as error:
+        sys.stderr.write(f"dicomfw explain: {error}\n")
+        return 2
+    for number, answer in enumerate(answers):
+        sys.stdout.write(("\n" if number else "") + explain.render(answer))
+        status = max(status, 0 if answer.allowed else 1)
+    return status
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -110,6 +150,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="check the rules without opening the certificate, key and CRL files they name",
     )
     check.set_defaults(func=cmd_check)
+
+    explain = commands.add_parser(
+        "explain",
+        help="what the rules decide about one association or audit event, why, and what to "
+        "change (exit 0 allowed, 1 refused, 2 bad input)",
+    )
+    explain.add_argument("--config", "-c", type=Path, required=True, help="rules file (YAML)")
+    explain.add_argument(
+        "--event",
+        metavar="JSON",
+        help='an audit record (a line of the audit file), or "-": records on stdin, one a line',
+    )
+    explain.add_argument("--listener", metavar="NAME")
+    explain.add_argument("--from", dest="source", metavar="ADDRESS", help="source IP address")
+    explain.add_argument("--calling", metavar="AE", help="calling AE title")
+    explain.add_argument("--called", metavar="AE", help="called AE title")
+    explain.add_argument(
+        "--cert", type=Path, metavar="FILE", help="the client certificate it presents (PEM)"
+    )
+    explain.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="SOPCLASS[:TS[,TS]]",
+        help="a proposed presentation context (default transfer syntaxes: Implicit and "
+        "Explicit VR Little Endian); repeat for more",
+    )
+    explain.add_argument(
+        "--request",
+        action="append",
+        default=[],
+        metavar="SERVICE:SOPCLASS[:DEST]",
+        help="a request, e.g. C-STORE:CTImageStorage or C-MOVE:StudyRootQueryRetrieve"
+        "InformationModelMove:WS1; repeat for more",
+    )
+    explain.set_defaults(func=cmd_explain)
 
     schema = commands.add_parser(
         "schema",
