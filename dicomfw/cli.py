@@ -44,6 +44,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit status 1 on an error, or on a warning with ``--strict``."""
+    from dicomfw.admin import lint
+    from dicomfw.admin.locate import Locator
     from dicomfw.service.daemon import load_runtime
 
     try:
@@ -54,8 +57,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigErrors as errors:
         return _config_errors(errors)
     sys.stdout.write(describe(config))
-    sys.stdout.write(f"\n{args.config}: OK\n")
-    return 0
+    warnings = lint.findings(config, Locator(args.config), files=not args.syntax_only)
+    for warning in warnings:
+        sys.stderr.write(f"{warning}\n")
+    counted = f" ({len(warnings)} warning(s))" if warnings else ""
+    sys.stdout.write(f"\n{args.config}: OK{counted}\n")
+    return 1 if warnings and args.strict else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -149,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the rules without opening the certificate, key and CRL files they name",
     )
+    check.add_argument("--strict", action="store_true", help="exit status 1 on warnings too")
     check.set_defaults(func=cmd_check)
 
     explain = commands.add_parser(
