@@ -49,6 +49,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     from dicomfw.admin.locate import Locator
     from dicomfw.service.daemon import load_runtime
 
+    if (args.config is None) == (args.diff is None):
+        sys.stderr.write("dicomfw check: give --config FILE, or --diff OLD NEW\n")
+        return 2
+    if args.diff is not None:
+        return _check_diff(*args.diff)
     try:
         if args.syntax_only:
             config = load_config(args.config, check_files=False)
@@ -63,6 +68,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     counted = f" ({len(warnings)} warning(s))" if warnings else ""
     sys.stdout.write(f"\n{args.config}: OK{counted}\n")
     return 1 if warnings and args.strict else 0
+
+
+def _check_diff(old: Path, new: Path) -> int:
+    from dicomfw.admin import changes
+    from dicomfw.admin.locate import Locator
+
+    try:
+        rules = [(load_config(path, check_files=False), Locator(path)) for path in (old, new)]
+    except ConfigErrors as errors:
+        return _config_errors(errors, outcome="nothing was compared")
+    allowed, refused = changes.diff(*rules)
+    sys.stdout.write(changes.render(str(old), str(new), allowed, refused))
+    return 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -150,13 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     check = commands.add_parser("check", help="validate a rules file and show what it means")
-    check.add_argument("--config", "-c", type=Path, required=True)
+    check.add_argument("--config", "-c", type=Path)
     check.add_argument(
         "--syntax-only",
         action="store_true",
         help="check the rules without opening the certificate, key and CRL files they name",
     )
     check.add_argument("--strict", action="store_true", help="exit status 1 on warnings too")
+    check.add_argument(
+        "--diff",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="instead: what NEW newly allows and newly refuses compared with OLD",
+    )
     check.set_defaults(func=cmd_check)
 
     explain = commands.add_parser(

@@ -280,3 +280,62 @@ def test_a_key_that_is_not_its_certificates_is_a_warning(tmp_path: Path, pki: Pk
             f"rules.yaml:{line}: warning: {key} is not the key of certificate {pki.remote.cert}"
         )
         assert warnings_of(result) == ([expected] if warned else [])
+
+
+# -- what a change allows --------------------------------------------------------------------
+
+
+def test_diff_lists_what_a_change_newly_allows_and_newly_refuses(tmp_path: Path, pki: Pki) -> None:
+    old = base_rules(pki)
+    new = edited(
+        old,
+        [
+            ("[10.1.2.0/24]", "[10.1.0.0/16]"),  # a wider network
+            (ROUTES, MR01 + ROUTES),  # a new peer ...
+            ("calling_ae: [CT01]", "calling_ae: [CT01, MR01]"),  # ... admitted
+            ("sop_classes: [CTImageStorage]", "sop_classes: [MRImageStorage]"),
+            ("move_destinations: [WS1]", "move_destinations: [WS1, EVIL]"),
+            ("    calling_ae: [REMOTE]\n", "    calling_ae: [REMOTE]\n    mode: monitor\n"),
+        ],
+    )
+    (tmp_path / "old.yaml").write_text(old)
+    (tmp_path / "new.yaml").write_text(new)
+    assert DICOMFW is not None
+    result = subprocess.run(
+        [DICOMFW, "check", "--diff", "old.yaml", "new.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == [
+        "new.yaml newly allows:",
+        "  new.yaml:9: peer CT01 from 10.1.0.0/16 except 10.1.2.0/24",
+        "  new.yaml:12: peer MR01 from 10.1.3.0/24",
+        "  new.yaml:14: route store for MR01",
+        "  new.yaml:20: route store: C-STORE of MRImageStorage",
+        f"  new.yaml:27: route query: C-MOVE of {FIND} to EVIL",
+        f"  new.yaml:27: route query: C-MOVE of {MOVE} to EVIL",
+        "  new.yaml:30: route remote in monitor mode: what its rules refuse passes",
+        "new.yaml newly refuses:",
+        "  old.yaml:19: route store: C-STORE of CTImageStorage",
+    ]
+
+
+def test_diff_of_a_file_with_itself_changes_nothing(tmp_path: Path, pki: Pki) -> None:
+    (tmp_path / "rules.yaml").write_text(base_rules(pki))
+    both = check_in(tmp_path, base_rules(pki), "--diff", "rules.yaml", "rules.yaml")
+    assert both.returncode == 2
+    assert "give --config FILE, or --diff OLD NEW" in both.stderr
+    assert DICOMFW is not None
+    same = subprocess.run(
+        [DICOMFW, "check", "--diff", "rules.yaml", "rules.yaml"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        check=False,
+    )
+    assert same.stdout == "rules.yaml allows and refuses what rules.yaml does.\n"
