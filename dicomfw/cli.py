@@ -121,6 +121,53 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return status
 
 
+def cmd_learn(args: argparse.Namespace) -> int:
+    """Exit status 0: written (or compared); 1: the rules are invalid; 2: bad input."""
+    from dicomfw.admin import learn
+    from dicomfw.admin.locate import Locator
+    from dicomfw.admin.records import moment
+
+    problem = ""
+    if args.out is None and args.diff is None:
+        problem = "give --out FILE (with --base RULES), --diff CURRENT, or both"
+    elif args.out is not None and args.base is None:
+        problem = "--out needs --base: the rules to take listeners and upstreams from"
+    elif not (0 <= args.widen_ipv4 <= 32 and 0 <= args.widen_ipv6 <= 128):
+        problem = "--widen-ipv4 is 0 to 32 bits, --widen-ipv6 0 to 128"
+    try:
+        since = moment(args.since) if args.since else None
+        learned = learn.learn(args.audit, since) if not problem else None
+    except ValueError as error:
+        problem = f"--since: {error}"
+    except OSError as error:
+        problem = f"cannot read the audit trail: {error}"
+    if problem or learned is None:
+        sys.stderr.write(f"dicomfw learn: {problem}\n")
+        return 2
+    for line in learn.report(learned):
+        sys.stderr.write(f"{line}\n")
+    if args.out is not None and not learned.records:
+        sys.stderr.write("dicomfw learn: no association to learn from; nothing was written\n")
+        return 1
+    try:
+        if args.out is not None:
+            base = load_config(args.base, check_files=False)
+            options = learn.Options(args.widen_ipv4, args.widen_ipv6, args.mode)
+            args.out.write_text(learn.rules_file(learned, args.base, base, options))
+            written = load_config(args.out, check_files=False)
+            sys.stderr.write(
+                f"{args.out}: {len(written.policy.peers)} peers, {len(written.policy.routes)} "
+                f"routes, from {len(learned.records)} associations; next: dicomfw check "
+                f"--config {args.out}\n"
+            )
+        if args.diff is not None:
+            current = load_config(args.diff, check_files=False)
+            sys.stdout.write(learn.compare(learned, current, Locator(args.diff)))
+    except ConfigErrors as errors:
+        return _config_errors(errors, outcome="nothing was learned")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from dicomfw.admin import schema
 
@@ -219,6 +266,53 @@ def build_parser() -> argparse.ArgumentParser:
         "InformationModelMove:WS1; repeat for more",
     )
     explain.set_defaults(func=cmd_explain)
+
+    learn = commands.add_parser(
+        "learn",
+        help="write the least-privilege rules that would have allowed what the audit trail "
+        "shows (e.g. of a monitor-mode period), or compare it with the current rules",
+    )
+    learn.add_argument(
+        "--audit",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="audit files (JSON lines)",
+    )
+    learn.add_argument(
+        "--since", metavar="TIME", help="only records from then on (ISO 8601; UTC if no offset)"
+    )
+    learn.add_argument(
+        "--base",
+        type=Path,
+        metavar="RULES",
+        help="the current rules: listeners, upstreams and the other sections are copied from them",
+    )
+    learn.add_argument("--out", type=Path, metavar="FILE", help="where to write the learned rules")
+    learn.add_argument(
+        "--widen-ipv4",
+        type=int,
+        default=32,
+        metavar="BITS",
+        help="widen learned IPv4 addresses to networks of this many bits (32: each address)",
+    )
+    learn.add_argument(
+        "--widen-ipv6", type=int, default=64, metavar="BITS", help="the same for IPv6 (default 64)"
+    )
+    learn.add_argument(
+        "--mode",
+        choices=["enforce", "monitor"],
+        default="enforce",
+        help="mode: of the learned file (enforce)",
+    )
+    learn.add_argument(
+        "--diff",
+        type=Path,
+        metavar="CURRENT",
+        help="list what CURRENT allows that was never used, and what was used that it refuses",
+    )
+    learn.set_defaults(func=cmd_learn)
 
     schema = commands.add_parser(
         "schema",

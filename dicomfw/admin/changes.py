@@ -20,7 +20,7 @@ from dicomfw.config.model import Config
 from dicomfw.core import uids
 from dicomfw.core.policy import MONITOR, VERIFICATION_SOP_CLASS, IPNetwork, Peer, Route
 
-__all__ = ["Change", "diff", "render"]
+__all__ = ["ANY", "Change", "Grant", "diff", "grants", "render"]
 
 #: Stands for "any" SOP class or move destination (a rule that does not list them).
 ANY: Final = "*"
@@ -102,8 +102,8 @@ def _route_gains(before: Route | None, route: Route) -> Iterator[Change]:
             yield Change(route.where, f"{name} for {new}")
     if route.mode == MONITOR and (before is None or before.mode != MONITOR):
         yield Change(route.where, f"{name} in monitor mode: what its rules refuse passes")
-    earlier = list(_grants(before)) if before is not None else []
-    for grant, where in _grants(route):
+    earlier = list(grants(before)) if before is not None else []
+    for grant, where in grants(route):
         if not any(_covers(old, grant) for old, _ in earlier):
             yield Change(where, f"{name}: {_grant_text(grant, earlier)}")
 
@@ -111,7 +111,7 @@ def _route_gains(before: Route | None, route: Route) -> Iterator[Change]:
 Grant = tuple[str, str, str]  # service, SOP class (or ANY), C-MOVE destination (or ANY, or "")
 
 
-def _grants(route: Route) -> Iterator[tuple[Grant, str]]:
+def grants(route: Route) -> Iterator[tuple[Grant, str]]:
     """Every (service, SOP class, destination) the route's rules allow, with the rule's line."""
     for rule in route.allow:
         for service in sorted(rule.services):

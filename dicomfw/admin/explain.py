@@ -107,6 +107,9 @@ class Explanation:
     steps: list[tuple[str, str]] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the route it goes to, and the allow rule that let each request through
+    route: Route | None = None
+    granted: list[tuple[AllowRule, Request]] = field(default_factory=list)
 
     @property
     def answer(self) -> Refusal | None:
@@ -208,6 +211,7 @@ class _Explainer:
             self.refuse("association", every.why, every.detail, self.fix_called_ae())
             return None
         route = next(r for r in policy.routes if r.name == every.route.name)
+        self.out.route = route
         self.step("called AE", self.route_text(route, every))
         for objection in every.objections:
             self.refuse(
@@ -270,6 +274,7 @@ class _Explainer:
                 route, request.service, request.sop_class, request.destination
             )
             if isinstance(verdict, Allow):
+                self.out.granted.append((verdict.rule, request))
                 self.step("request", f"{label}: allowed by the allow rule at {verdict.rule.where}")
             else:
                 fix = self.fix_request(route, request, verdict.why)
