@@ -6,6 +6,7 @@ destination."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -252,3 +253,115 @@ def test_diff_lists_what_the_current_rules_allow_unused_and_refuse_used(
         "      service_not_allowed: C-FIND of StudyRootQueryRetrieveInformationModelFind "
         "(1 association: WS1 -> PACS on front)"
     ) in refused
+
+
+# -- what learning makes of records a loopback test cannot produce ----------------------------
+
+GET = "1.2.840.10008.5.1.4.1.2.2.3"
+JPEG2000 = "1.2.840.10008.1.2.4.90"
+IMPLICIT = "1.2.840.10008.1.2"
+
+
+def association_record(
+    calling: str,
+    address: str,
+    operations: list[tuple[str, str, int, int]],
+    contexts: list[tuple[str, str]],
+    listener: str = "front",
+    certificate: dict[str, object] | None = None,
+    moved_to: tuple[str, ...] = (),
+) -> dict[str, object]:
+    """An ``association`` audit record as the daemon writes it (the fields learning reads)."""
+    return {
+        "event": "association", "time": "2026-03-02T10:00:01.000Z", "listener": listener,
+        "source": {"address": address, "port": 40000, "via": None}, "certificate": certificate,
+        "calling_ae": calling, "called_ae": "PACS", "route": f"{listener}/PACS",
+        "start": "2026-03-02T10:00:00.000Z", "end": "2026-03-02T10:00:01.000Z",
+        "operations": [
+            {"service": service, "sop_class_uid": uid, "requests": requests, "refused": refused}
+            for service, uid, requests, refused in operations
+        ],
+        "contexts": [{"sop_class_uid": uid, "transfer_syntax": ts} for uid, ts in contexts],
+        "refused_contexts": [], "move_destinations": list(moved_to),
+    }  # fmt: skip
+
+
+def test_learning_groups_alike_callers_binds_certificates_and_says_what_it_left_out(
+    tmp_path: Path,
+) -> None:
+    store = [("C-ECHO", VERIFICATION, 1, 0), ("C-STORE", CT, 3, 0)]
+    images = [(CT, JPEG2000), (VERIFICATION, IMPLICIT)]
+    echo = [("C-ECHO", VERIFICATION, 1, 0)]
+    remote = {"subject_cn": "remote", "san_dns": [], "san_uri": ["urn:dicom:ae:REMOTE"]}
+    records = [
+        association_record("CT01", "10.1.2.7", store, images),
+        association_record("CT01", "10.1.2.8", store, images),
+        association_record("CT02", "10.1.2.9", store, images),  # the same needs as CT01
+        association_record("WS1", "10.1.4.2", [("C-GET", GET, 1, 0)],
+                           [(GET, IMPLICIT), (CT, JPEG2000)]),
+        association_record("WS6", "2001:db8:10:3::17", echo, [(VERIFICATION, IMPLICIT)]),
+        association_record("REMOTE", "::ffff:192.0.2.4", echo, [(VERIFICATION, IMPLICIT)],
+                           listener="secure", certificate=remote),
+        association_record("CT01", "10.1.2.7", [("C-FIND", FIND, 1, 1)], [(FIND, IMPLICIT)]),
+        association_record("MR01", "10.1.3.3", [], [(MR, IMPLICIT)]),
+        {"event": "association_rejected", "time": "2026-03-02T10:00:02.000Z", "listener": "front",
+         "calling_ae": "CT01", "called_ae": "ARCHIVE", "reason": "called_ae_unknown"},
+    ]  # fmt: skip
+    audit = tmp_path / "audit.jsonl"
+    audit.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"event": "assoc')
+    (tmp_path / "rules.yaml").write_text(
+        "listeners:\n"
+        '  - {name: front, bind: "[::]:11112"}\n'
+        '  - {name: secure, bind: "[::]:2762", tls: {cert: fw.pem, key: fw.key, ca: ca.pem}}\n'
+        "upstreams:\n"
+        "  pacs: {host: 10.9.0.5, port: 104}\n"
+        "peers: []\n"
+        "routes:\n"
+        "  - {listener: front, called_ae: PACS, upstream: pacs, allow: [{services: [C-ECHO]}]}\n"
+        "  - {listener: secure, called_ae: PACS, upstream: pacs, allow: [{services: [C-ECHO]}],\n"
+        "     rewrite: {calling_ae: FW1}}\n"
+    )
+    result = dicomfw(tmp_path, "learn", "--audit", "audit.jsonl", "--base", "rules.yaml",
+                     "--out", "learned.yaml")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines()[:4] == [
+        "not learned (a called AE no route knows (nothing to send it to)): CT01 -> ARCHIVE on "
+        "front",
+        "not learned (an association without a request that passed): CT01 -> PACS on front",
+        "not learned (an association without a request that passed): MR01 -> PACS on front",
+        "not learned (unreadable line): audit.jsonl:10: not JSON: Unterminated string starting "
+        "at: line 1 column 11 (char 10)",
+    ]
+    checked = dicomfw(tmp_path, "check", "--config", "learned.yaml", "--syntax-only", "--strict")
+    assert (checked.returncode, checked.stderr) == (0, "")
+
+    rules = yaml.safe_load((tmp_path / "learned.yaml").read_text())
+    peers = {p["ae_title"]: (p["networks"], p.get("certificate")) for p in rules["peers"]}
+    assert peers == {
+        "CT01": (["10.1.2.7/32", "10.1.2.8/32"], None),
+        "CT02": (["10.1.2.9/32"], None),
+        "REMOTE": (["192.0.2.4/32"], {"san_uri": "urn:dicom:ae:REMOTE"}),
+        "WS1": (["10.1.4.2/32"], None),
+        "WS6": (["2001:db8:10:3::/64"], None),
+    }
+    routes = {tuple(r["calling_ae"]): r for r in rules["routes"]}
+    assert set(routes) == {("CT01", "CT02"), ("WS1",), ("WS6",), ("REMOTE",)}
+    assert routes[("REMOTE",)]["rewrite"] == {"calling_ae": "FW1"}
+    assert routes[("CT01", "CT02")]["allow"][1] == {
+        "services": ["C-STORE"],
+        "sop_classes": ["CTImageStorage"],
+        "transfer_syntaxes": ["JPEG2000Lossless"],
+    }
+    # the C-GET's sub-operations store CT on the association; each with what it was sent in
+    assert routes[("WS1",)]["allow"] == [
+        {
+            "services": ["C-GET"],
+            "sop_classes": ["CTImageStorage"],
+            "transfer_syntaxes": ["JPEG2000Lossless"],
+        },
+        {
+            "services": ["C-GET"],
+            "sop_classes": ["StudyRootQueryRetrieveInformationModelGet"],
+            "transfer_syntaxes": ["ImplicitVRLittleEndian"],
+        },
+    ]

@@ -135,8 +135,10 @@ MISTAKES: list[tuple[str, tuple[str, str], bool]] = [
     ),
     (
         "unquoted TLS version",
-        ("bind: 0.0.0.0:11112", "bind: 0.0.0.0:11112\n    tls: {cert: a, key: b, ca: c, "
-         "min_version: 1.2}"),
+        (
+            "bind: 0.0.0.0:11112",
+            "bind: 0.0.0.0:11112\n    tls: {cert: a, key: b, ca: c, min_version: 1.2}",
+        ),
         True,
     ),
     ("limits out of range", ("routes:", "limits: {max_pdu_bytes: 1024}\nroutes:"), True),

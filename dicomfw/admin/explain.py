@@ -44,6 +44,7 @@ from dicomfw.core.policy import (
     Reject,
     Route,
 )
+from dicomfw.core.ratelimit import RateLimits
 from dicomfw.relay.tls import identity_of
 
 __all__ = [
@@ -213,6 +214,12 @@ class _Explainer:
         route = next(r for r in policy.routes if r.name == every.route.name)
         self.out.route = route
         self.step("called AE", self.route_text(route, every))
+        limits = self.config.limits.rates.effective(attempt.listener, attempt.calling_ae)
+        if limits != RateLimits() and not attempt.reason.endswith("_exceeded"):
+            self.out.notes.append(
+                "rate limits and caps apply to it: explain does not evaluate them, they depend "
+                "on the traffic at the time"
+            )
         for objection in every.objections:
             self.refuse(
                 "association",

@@ -54,7 +54,7 @@ from dicomfw.core.policy import (
     PresentedIdentity,
 )
 
-__all__ = ["Learned", "Options", "compare", "learn", "rules_file"]
+__all__ = ["Learned", "Options", "cautions", "compare", "learn", "report", "rules_file"]
 
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_./+-]+")
 _NOT_A_NAME: Final = re.compile(r"[^A-Za-z0-9_.-]")
@@ -461,6 +461,18 @@ def report(learned: Learned) -> Iterator[str]:
     """What was not learned, for stderr."""
     for (why, what), count in sorted(learned.skipped.items()):
         yield f"not learned ({why}): {what}" + (f" ({count} times)" if count > 1 else "")
+
+
+def cautions(base: Config, base_path: Path, out: Path, options: Options) -> Iterator[str]:
+    """What the copied sections do differently from what the admin may expect, for stderr."""
+    for listener, mode in sorted(base.policy.listener_modes.items()):
+        if mode != options.mode:
+            yield f"listener {listener} keeps its own mode: {mode} (copied from {base_path})"
+    if out.absolute().parent != base_path.absolute().parent:
+        yield (
+            f"the sections copied from {base_path} keep their relative paths, which are "
+            f"relative to the rules file's directory: write {out.name} next to it"
+        )
 
 
 # -- --diff CURRENT ----------------------------------------------------------------------------
