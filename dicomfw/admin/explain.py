@@ -257,7 +257,9 @@ class _Explainer:
             label = f"{_name(context.sop_class)} ({syntaxes})"
             covering = [r for r in route.allow if r.covers_sop_class(context.sop_class)]
             if verdict.result == PC_ACCEPTANCE:
-                self.step("context", f"{label}: allowed by the allow rule at {covering[0].where}")
+                rules = ", ".join(rule.where for rule in covering)
+                plural = "s" if len(covering) > 1 else ""
+                self.step("context", f"{label}: allowed by the allow rule{plural} at {rules}")
                 continue
             fix = self.fix_context(route, context, covering, verdict.why)
             refused.append(Refusal("context", verdict.why, label, fix, monitored))

@@ -497,6 +497,8 @@ def compare(learned: Learned, config: Config, locator: Locator) -> str:
                 (request.service, request.sop_class, request.destination or "")
             )
         for refusal in answer.refusals:
+            if refusal.why == "no_context_allowed" and not refusal.fix:
+                continue  # the refusals of its contexts say what to change
             fix = refusal.fix or "no rule change allows it"
             refused.setdefault(fix, {}).setdefault((refusal.why, refusal.detail), []).append(who)
     unused = list(_unused(config, used_networks, used_routes, used_rules))
