@@ -11,17 +11,10 @@ from pathlib import Path
 import pytest
 
 from dicomfw.pki import certs
+from tests.admin_harness import dicomfw
 from tests.harness import Pki
 
 REPO = Path(__file__).resolve().parent.parent
-DICOMFW = shutil.which("dicomfw")
-
-
-def dicomfw(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    assert DICOMFW is not None, "the dicomfw console script is not installed"
-    return subprocess.run(
-        [DICOMFW, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
-    )
 
 
 def test_the_example_rules_pass_a_syntax_only_check_on_a_fresh_checkout(tmp_path: Path) -> None:
@@ -214,15 +207,7 @@ def warnings_of(result: subprocess.CompletedProcess[str]) -> list[str]:
 
 def check_in(directory: Path, text: str, *args: str) -> subprocess.CompletedProcess[str]:
     (directory / "rules.yaml").write_text(text)
-    assert DICOMFW is not None
-    return subprocess.run(
-        [DICOMFW, "check", "--config", "rules.yaml", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=directory,
-        check=False,
-    )
+    return dicomfw("check", "--config", "rules.yaml", *args, cwd=directory)
 
 
 def test_the_base_rules_have_no_warning(tmp_path: Path, pki: Pki) -> None:
@@ -300,15 +285,7 @@ def test_diff_lists_what_a_change_newly_allows_and_newly_refuses(tmp_path: Path,
     )
     (tmp_path / "old.yaml").write_text(old)
     (tmp_path / "new.yaml").write_text(new)
-    assert DICOMFW is not None
-    result = subprocess.run(
-        [DICOMFW, "check", "--diff", "old.yaml", "new.yaml"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        check=False,
-    )
+    result = dicomfw("check", "--diff", "old.yaml", "new.yaml", cwd=tmp_path)
     assert (result.returncode, result.stderr) == (0, "")
     assert result.stdout.splitlines() == [
         "new.yaml newly allows:",
@@ -329,13 +306,5 @@ def test_diff_of_a_file_with_itself_changes_nothing(tmp_path: Path, pki: Pki) ->
     both = check_in(tmp_path, base_rules(pki), "--diff", "rules.yaml", "rules.yaml")
     assert both.returncode == 2
     assert "give --config FILE, or --diff OLD NEW" in both.stderr
-    assert DICOMFW is not None
-    same = subprocess.run(
-        [DICOMFW, "check", "--diff", "rules.yaml", "rules.yaml"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        check=False,
-    )
+    same = dicomfw("check", "--diff", "rules.yaml", "rules.yaml", cwd=tmp_path)
     assert same.stdout == "rules.yaml allows and refuses what rules.yaml does.\n"

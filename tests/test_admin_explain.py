@@ -6,7 +6,6 @@ reason are the daemon's, and the FILE:LINE named is the rule the daemon used or 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from dicomfw.config.load import load_config
 from dicomfw.config.model import Config
 from dicomfw.core.session import AssociationEnded, AssociationRejected
 from dicomfw.relay.server import Refused
+from tests.admin_harness import dicomfw
 from tests.harness import (
     CT,
     FIND,
@@ -38,7 +38,6 @@ from tests.harness import (
 )
 from tests.obs_harness import observed_firewall, wait_until
 
-DICOMFW = shutil.which("dicomfw")
 CT01, WS1, REMOTE, MR01, US01, NOBODY = (f"127.0.0.{n}" for n in (2, 3, 4, 5, 6, 9))
 
 
@@ -199,16 +198,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[Daemo
 def explain(
     directory: Path, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    assert DICOMFW is not None, "the dicomfw console script is not installed"
-    return subprocess.run(
-        [DICOMFW, "explain", "--config", "rules.yaml", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=directory,
-        input=stdin,
-        check=False,
-    )
+    return dicomfw("explain", "--config", "rules.yaml", *args, cwd=directory, stdin=stdin)
 
 
 Where = Callable[[Config], str]
@@ -354,57 +344,17 @@ def test_records_on_stdin_are_explained_one_by_one(daemon: Daemon) -> None:
     assert result.stdout.count("ALLOWED\n") == 1 and "REFUSED (calling_ae_unknown)" in result.stdout
 
 
+DESCRIBED = ("--listener", "front", "--from", CT01, "--calling", "CT01", "--called", "PACS")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (
-            ("--listener", "nowhere", "--from", CT01, "--calling", "CT01", "--called", "PACS"),
-            "no listener 'nowhere'",
-        ),
-        (
-            (
-                "--listener",
-                "front",
-                "--from",
-                "127.0.0.300",
-                "--calling",
-                "CT01",
-                "--called",
-                "PACS",
-            ),
-            "not an IP address",
-        ),
-        (
-            (
-                "--listener",
-                "front",
-                "--from",
-                CT01,
-                "--calling",
-                "CT01",
-                "--called",
-                "PACS",
-                "--context",
-                "CTImageStorag",
-            ),
-            "unknown SOP Class keyword 'CTImageStorag'",
-        ),
-        (
-            (
-                "--listener",
-                "front",
-                "--from",
-                CT01,
-                "--calling",
-                "CT01",
-                "--called",
-                "PACS",
-                "--request",
-                "C-STORE:CTImageStorage:WS1",
-            ),
-            "only C-MOVE has a destination",
-        ),
-        (("--listener", "front", "--from", CT01), "give --event, or --listener"),
+        (("--listener", "nowhere", *DESCRIBED[2:]), "no listener 'nowhere'"),
+        ((*DESCRIBED[:2], "--from", "127.0.0.300", *DESCRIBED[4:]), "not an IP address"),
+        ((*DESCRIBED, "--context", "CTImageStorag"), "unknown SOP Class keyword 'CTImageStorag'"),
+        ((*DESCRIBED, "--request", "C-STORE:CTImageStorage:WS1"), "only C-MOVE has a destination"),
+        (DESCRIBED[:4], "give --event, or --listener"),
         (("--event", '{"event": "application_start"}'), "not an audit record of a connection"),
         (("--event", "{not json"), "not JSON"),
     ],
@@ -422,14 +372,7 @@ def test_a_described_association_shows_the_chain_and_the_smallest_changes(
 ) -> None:
     result = explain(
         daemon.directory,
-        "--listener",
-        "front",
-        "--from",
-        CT01,
-        "--calling",
-        "CT01",
-        "--called",
-        "PACS",
+        *DESCRIBED,
         "--context",
         "CTImageStorage:ExplicitVRLittleEndian",
         "--request",

@@ -7,7 +7,6 @@ destination."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,11 +20,11 @@ from pynetdicom.association import Association
 from dicomfw.core.session import AssociationEnded, AssociationRejected, RequestRefused
 from dicomfw.core.uids import resolve
 from dicomfw.relay.server import Refused
+from tests.admin_harness import dicomfw
 from tests.harness import CT, FIND, MOVE, MR, VERIFICATION, ct_image, running_scp, scu
 from tests.obs_harness import observed_firewall, wait_until
 
 US = resolve("UltrasoundImageStorage", "SOP Class")
-DICOMFW = shutil.which("dicomfw")
 ADDRESSES = {"CT01": "127.0.0.2", "MR01": "127.0.0.3", "US01": "127.0.0.4", "WS1": "127.0.0.5"}
 ENDS = (AssociationEnded, AssociationRejected, Refused)
 
@@ -98,11 +97,8 @@ def the_days_traffic(port: int) -> Outcome:
     return Outcome(statuses)
 
 
-def dicomfw(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    assert DICOMFW is not None, "the dicomfw console script is not installed"
-    return subprocess.run(
-        [DICOMFW, *args], capture_output=True, text=True, timeout=60, cwd=directory, check=False
-    )
+def run(directory: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return dicomfw(*args, cwd=directory)
 
 
 @dataclass(frozen=True)
@@ -139,8 +135,7 @@ def period(tmp_path_factory: pytest.TempPathFactory, pacs: int) -> Period:
 
 @pytest.fixture(scope="module")
 def learned(period: Period) -> Path:
-    result = dicomfw(
-        period.directory, "learn", "--audit", "audit.jsonl", "--base", "rules.yaml",
+    result = run(period.directory, "learn", "--audit", "audit.jsonl", "--base", "rules.yaml",
         "--out", "learned.yaml",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -149,7 +144,7 @@ def learned(period: Period) -> Path:
 
 
 def test_the_learned_rules_pass_check_without_a_warning(learned: Path) -> None:
-    result = dicomfw(learned.parent, "check", "--config", "learned.yaml", "--strict")
+    result = run(learned.parent, "check", "--config", "learned.yaml", "--strict")
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
 
 
@@ -210,16 +205,14 @@ def test_in_enforce_mode_the_same_traffic_passes_and_anything_new_is_refused(
 
 
 def test_widening_and_since(period: Period, tmp_path: Path) -> None:
-    widened = dicomfw(
-        period.directory, "learn", "--audit", "audit.jsonl", "--base", "rules.yaml",
+    widened = run(period.directory, "learn", "--audit", "audit.jsonl", "--base", "rules.yaml",
         "--out", str(tmp_path / "wide.yaml"), "--widen-ipv4", "24",
     )  # fmt: skip
     assert widened.returncode == 0, widened.stderr
     peers = yaml.safe_load((tmp_path / "wide.yaml").read_text())["peers"]
     assert {p["networks"][0] for p in peers} == {"127.0.0.0/24"}
 
-    later = dicomfw(
-        period.directory, "learn", "--audit", "audit.jsonl", "--base", "rules.yaml",
+    later = run(period.directory, "learn", "--audit", "audit.jsonl", "--base", "rules.yaml",
         "--out", str(tmp_path / "none.yaml"), "--since", "2999-01-01T00:00:00Z",
     )  # fmt: skip
     assert later.returncode == 1
@@ -229,7 +222,7 @@ def test_widening_and_since(period: Period, tmp_path: Path) -> None:
 def test_diff_lists_what_the_current_rules_allow_unused_and_refuse_used(
     learned: Path, period: Period, tmp_path: Path
 ) -> None:
-    same = dicomfw(period.directory, "learn", "--audit", "audit.jsonl", "--diff", "learned.yaml")
+    same = run(period.directory, "learn", "--audit", "audit.jsonl", "--diff", "learned.yaml")
     assert same.returncode == 0, same.stderr
     assert same.stdout.count("  nothing\n") == 2, same.stdout
 
@@ -239,7 +232,7 @@ def test_diff_lists_what_the_current_rules_allow_unused_and_refuse_used(
     current = current.replace("move_destinations:\n", "move_destinations:\n          - WS2\n")
     current = current.replace("- services: [C-FIND]", "- services: [C-GET]")
     (period.directory / "current.yaml").write_text(current)
-    result = dicomfw(period.directory, "learn", "--audit", "audit.jsonl", "--diff", "current.yaml")
+    result = run(period.directory, "learn", "--audit", "audit.jsonl", "--diff", "current.yaml")
     assert result.returncode == 0, result.stderr
     unused, refused = result.stdout.split("used in the audit trail, and current.yaml refuses it")
     assert "C-STORE of EnhancedCTImageStorage: never used" in unused
@@ -321,7 +314,7 @@ def test_learning_groups_alike_callers_binds_certificates_and_says_what_it_left_
         "  - {listener: secure, called_ae: PACS, upstream: pacs, allow: [{services: [C-ECHO]}],\n"
         "     rewrite: {calling_ae: FW1}}\n"
     )
-    result = dicomfw(tmp_path, "learn", "--audit", "audit.jsonl", "--base", "rules.yaml",
+    result = run(tmp_path, "learn", "--audit", "audit.jsonl", "--base", "rules.yaml",
                      "--out", "learned.yaml")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines()[:4] == [
@@ -332,7 +325,7 @@ def test_learning_groups_alike_callers_binds_certificates_and_says_what_it_left_
         "not learned (unreadable line): audit.jsonl:10: not JSON: Unterminated string starting "
         "at: line 1 column 11 (char 10)",
     ]
-    checked = dicomfw(tmp_path, "check", "--config", "learned.yaml", "--syntax-only", "--strict")
+    checked = run(tmp_path, "check", "--config", "learned.yaml", "--syntax-only", "--strict")
     assert (checked.returncode, checked.stderr) == (0, "")
 
     rules = yaml.safe_load((tmp_path / "learned.yaml").read_text())

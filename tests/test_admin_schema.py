@@ -5,7 +5,6 @@ the project has and rejecting the mistakes the loader reports that a schema can 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from dicomfw.admin import schema
 from dicomfw.config.load import load_config
 from dicomfw.demo import RULES as DEMO_RULES
 from dicomfw.errors import ConfigErrors
+from tests.admin_harness import dicomfw
 from tests.harness import Pki, rules
 from tests.obs_harness import mixed_rules
 from tests.test_config_load import FULL, MINIMAL, edit
@@ -60,11 +60,7 @@ def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
 
 
 def test_dicomfw_schema_prints_the_shipped_schema() -> None:
-    command = shutil.which("dicomfw")
-    assert command is not None
-    result = subprocess.run(
-        [command, "schema"], capture_output=True, text=True, timeout=60, check=False
-    )
+    result = dicomfw("schema")
     assert result.returncode == 0, result.stderr
     assert result.stdout == SHIPPED.read_text()
 

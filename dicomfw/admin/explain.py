@@ -19,7 +19,7 @@ from __future__ import annotations
 import _ssl
 import ipaddress
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
@@ -457,12 +457,7 @@ def _fix_certificate(
         )
     wanted = [
         f"{key} {value}"
-        for key, value in (
-            ("subject_cn", binding.subject_cn),
-            ("san_dns", binding.san_dns),
-            ("san_uri", binding.san_uri),
-            ("fingerprint_sha256", binding.fingerprint_sha256),
-        )
+        for key, value in asdict(binding).items()
         if value is not None and not CertificateIdentity(**{key: value}).matches(presented)
     ]
     return f"{where} wants {', '.join(wanted)}: issue a certificate that has it, or change it"

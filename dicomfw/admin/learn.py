@@ -32,7 +32,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final
@@ -338,12 +338,7 @@ def _peers_yaml(learned: Learned, base: Config, reached: set[str], options: Opti
         if binding is not None:
             fields = [
                 f"{key}: {_scalar(value)}"
-                for key, value in (
-                    ("subject_cn", binding.subject_cn),
-                    ("san_dns", binding.san_dns),
-                    ("san_uri", binding.san_uri),
-                    ("fingerprint_sha256", binding.fingerprint_sha256),
-                )
+                for key, value in asdict(binding).items()
                 if value is not None
             ]
             out.append(f"    certificate: {{{', '.join(fields)}}}\n")
