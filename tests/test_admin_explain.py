@@ -103,8 +103,10 @@ class Traffic:
         listener: str = "front",
         called: str = "PACS",
         ae: AE | None = None,
+        certificate: bool = True,
     ) -> Association:
-        tls = (client_context(self.pki, self.pki.remote), "localhost")
+        pair = self.pki.remote if certificate else None
+        tls = (client_context(self.pki, pair), "localhost")
         return (ae or scu(calling, contexts)).associate(
             "127.0.0.1",
             self.ports[listener],
@@ -143,6 +145,7 @@ def drive(traffic: Traffic) -> int:
     t = traffic
     finish(t.associate("CT01", CT01), lambda a: (a.send_c_echo(), store(a)))
     finish(t.associate("REMOTE", REMOTE, (VERIFICATION,), listener="secure"), _echo)
+    finish(t.associate("REMOTE", REMOTE, (VERIFICATION,), listener="secure", certificate=False))
     finish(t.associate("CT01", NOBODY))
     finish(t.associate("STRANGER", CT01))
     finish(t.associate("FARAWAY", CT01))
@@ -160,7 +163,7 @@ def drive(traffic: Traffic) -> int:
     finish(t.associate("CT01", CT01, (MR, VERIFICATION), listener="watch"))
     for _ in range(2):
         finish(t.associate("US01", US01, (VERIFICATION,), listener="tight"), _echo)
-    return 16
+    return 17
 
 
 def _echo(association: Association) -> None:
@@ -246,6 +249,7 @@ CASES: dict[str, tuple[str, str, str, Where]] = {
     "move_destination_denied": ("request_refused", "", "REFUSED", rule("query")),
     "would_refuse sop_class_not_allowed": ("would_refuse", "", "MONITOR", rule("watched")),
     "ip_association_rate_exceeded": ("association_rejected", "", "REFUSED", route("limited")),
+    "tls_handshake_failed": ("connection_refused", "", "REFUSED", section(5)),
 }
 
 
