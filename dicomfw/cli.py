@@ -154,7 +154,7 @@ def cmd_learn(args: argparse.Namespace) -> int:
             base = load_config(args.base, check_files=False)
             options = learn.Options(args.widen_ipv4, args.widen_ipv6, args.mode)
             args.out.write_text(learn.rules_file(learned, args.base, base, options))
-            for caution in learn.cautions(base, args.base, args.out, options):
+            for caution in learn.cautions(learned, base, args.base, args.out, options):
                 sys.stderr.write(f"note: {caution}\n")
             written = load_config(args.out, check_files=False)
             sys.stderr.write(

@@ -58,8 +58,6 @@ __all__ = ["Learned", "Options", "cautions", "compare", "learn", "report", "rule
 
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_./+-]+")
 _NOT_A_NAME: Final = re.compile(r"[^A-Za-z0-9_.-]")
-#: The top-level sections ``learn`` writes itself; every other one is copied from the base.
-_LEARNED_SECTIONS: Final = ("mode", "peers", "routes")
 
 
 @dataclass
@@ -244,9 +242,7 @@ def _routes(learned: Learned, base: Config) -> list[_Route]:
     grouped: dict[tuple[str, str, str, tuple[_Rule, ...]], _Route] = {}
     for (listener, called_ae, calling_ae), caller in sorted(learned.callers.items()):
         if caller.route not in known:
-            what = f"{calling_ae} -> {called_ae} on {listener} (route {caller.route})"
-            learned.skipped[("a route the base rules do not have", what)] += 1
-            continue
+            continue  # said by ``cautions``
         rules = _rules(caller)
         key = (caller.route, listener, called_ae, rules)
         grouped.setdefault(key, _Route(caller.route, listener, called_ae, rules))
@@ -458,8 +454,18 @@ def report(learned: Learned) -> Iterator[str]:
         yield f"not learned ({why}): {what}" + (f" ({count} times)" if count > 1 else "")
 
 
-def cautions(base: Config, base_path: Path, out: Path, options: Options) -> Iterator[str]:
-    """What the copied sections do differently from what the admin may expect, for stderr."""
+def cautions(
+    learned: Learned, base: Config, base_path: Path, out: Path, options: Options
+) -> Iterator[str]:
+    """What the learned file leaves out because the base lacks it, and what the copied sections
+    do differently from what the admin may expect, for stderr."""
+    known = {route.name for route in base.policy.routes}
+    for (listener, called_ae, calling_ae), caller in sorted(learned.callers.items()):
+        if caller.route not in known:
+            yield (
+                f"not learned: {calling_ae} -> {called_ae} on {listener}, which took route "
+                f"{caller.route}: {base_path} has no such route"
+            )
     for listener, mode in sorted(base.policy.listener_modes.items()):
         if mode != options.mode:
             yield f"listener {listener} keeps its own mode: {mode} (copied from {base_path})"

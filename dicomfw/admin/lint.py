@@ -50,9 +50,7 @@ class Finding:
         return f"{self.where}: warning: {self.message}"
 
 
-def findings(
-    config: Config, locator: Locator, files: bool = True, now: datetime | None = None
-) -> list[Finding]:
+def findings(config: Config, locator: Locator, files: bool = True) -> list[Finding]:
     """Every warning for ``config``, in line order. ``files``: also read the certificate and
     key files it names (off for ``--syntax-only``)."""
     found = [
@@ -63,7 +61,7 @@ def findings(
         *_unknown_move_destinations(config),
     ]
     if files:
-        found += _certificates(config, locator, now or datetime.now(UTC))
+        found += _certificates(config, locator, datetime.now(UTC))
     return sorted(found, key=lambda f: (_line(f.where), f.message))
 
 
