@@ -216,7 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pid-file", type=Path, help="write the process ID here (for `reload`)")
     run.set_defaults(func=cmd_run)
 
-    check = commands.add_parser("check", help="validate a rules file and show what it means")
+    check = commands.add_parser(
+        "check",
+        help="validate a rules file, show what it means and warn about likely mistakes; or "
+        "compare two (--diff)",
+    )
     check.add_argument("--config", "-c", type=Path)
     check.add_argument(
         "--syntax-only",

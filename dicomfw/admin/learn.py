@@ -16,8 +16,8 @@ this module turns those ``association`` records into a rules file:
   destinations seen. C-ECHO gets its own rule on Verification; the storage SOP classes a C-GET
   association negotiated go with the C-GET rule (its C-STORE sub-operations run on them);
 * listeners, upstreams, limits, metrics, audit and workers copied from ``--base`` as written
-  there (comments included); the upstream and AE title rewriting of each route from the base
-  route the associations took.
+  there (comments included); of each route, what the base route the associations took says
+  besides whom it admits and what it allows (upstream, AE title rewriting, any key added later).
 
 Every peer, route and SOP class carries a comment with its counts and first and last seen. What
 cannot be learned (an association to a called AE no route knows, one without a request) is
@@ -58,6 +58,10 @@ __all__ = ["Learned", "Options", "cautions", "compare", "learn", "report", "rule
 
 _PLAIN: Final = re.compile(r"[A-Za-z0-9_./+-]+")
 _NOT_A_NAME: Final = re.compile(r"[^A-Za-z0-9_.-]")
+#: Route keys ``learn`` writes itself; a learned route keeps the rest of its base route's.
+_LEARNED_ROUTE_KEYS: Final = frozenset(
+    {"name", "listener", "called_ae", "upstream", "calling_ae", "allow", "mode"}
+)
 
 
 @dataclass
@@ -262,12 +266,13 @@ def _routes(learned: Learned, base: Config) -> list[_Route]:
 
 def rules_file(learned: Learned, base_path: Path, base: Config, options: Options) -> str:
     """The learned rules, in the base file's section order, its other sections as written."""
+    text = base_path.read_text(encoding="utf-8")
     routes = _routes(learned, base)
     reached = {ae for route in routes for ae in route.callers}
     learned_parts = {
         "mode": [f"mode: {options.mode}\n", "\n"],
         "peers": [*_peers_yaml(learned, base, reached, options), "\n"],
-        "routes": [*_routes_yaml(routes, base), "\n"],
+        "routes": [*_routes_yaml(routes, base, yaml.safe_load(text)["routes"]), "\n"],
     }
     header = [
         "# Learned by `dicomfw learn` from the audit trail: exactly what was seen, nothing more.\n",
@@ -275,7 +280,7 @@ def rules_file(learned: Learned, base_path: Path, base: Config, options: Options
         "# Review it, then: dicomfw check --config THIS; dicomfw check --diff BASE THIS\n",
         "\n",
     ]
-    sections = _sections(base_path.read_text(encoding="utf-8"))
+    sections = _sections(text)
     if "mode" not in sections:
         sections = {"mode": "", **sections}
     body = [
@@ -373,7 +378,11 @@ def _binding(
     return None
 
 
-def _routes_yaml(routes: list[_Route], base: Config) -> list[str]:
+def _routes_yaml(
+    routes: list[_Route], base: Config, written_routes: list[dict[str, Any]]
+) -> list[str]:
+    """The learned routes; each keeps what its base route says besides whom it admits and what
+    it allows (``written_routes``: the base file's routes as YAML reads them)."""
     base_routes = {route.name: route for route in base.policy.routes}
     out = ["routes:\n"]
     for route in routes:
@@ -391,16 +400,11 @@ def _routes_yaml(routes: list[_Route], base: Config) -> list[str]:
             f"    upstream: {_scalar(source.upstream)}\n",
             f"    calling_ae: {_flow(sorted(route.callers))}\n",
         ]
-        rewrite = [
-            f"{key}: {_scalar(value)}"
-            for key, value in (
-                ("called_ae", source.upstream_called_ae),
-                ("calling_ae", source.upstream_calling_ae),
-            )
-            if value is not None
-        ]
-        if rewrite:
-            out.append(f"    rewrite: {{{', '.join(rewrite)}}}\n")
+        written = written_routes[list(base_routes).index(route.base)]
+        kept = {key: value for key, value in written.items() if key not in _LEARNED_ROUTE_KEYS}
+        if kept:  # rewrite, and whatever else a route may say: as the base says it
+            block = yaml.safe_dump(kept, default_flow_style=False, sort_keys=False)
+            out += [f"    {line}\n" for line in block.splitlines()]
         out.append("    allow:\n")
         for rule in route.rules:
             out += _rule_yaml(rule, list(route.callers.values()))
