@@ -71,12 +71,13 @@ _TLS_VERSIONS: Final = {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}
 _MAX_WORKERS: Final = 64
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, check_files: bool = True) -> Config:
     """Read and validate a rules file; raise ``ConfigErrors`` listing every problem found.
 
     Relative paths inside the file (certificates, keys, CRLs) are resolved against the rules
     file's directory and must name readable files, so a config that loads is one the daemon can
-    actually start with.
+    actually start with. ``check_files=False`` skips that (and the audit file's directory): to
+    check a file's syntax and rules on a machine that does not hold its certificates.
     """
     shown = str(path)
     source = Path(path).absolute()
@@ -87,7 +88,7 @@ def load_config(path: str | Path) -> Config:
     # The directory is resolved so that "../certs" means what the shell would take it to mean
     # even if the rules directory is a symlink; the files named in it are not resolved, so a
     # certificate symlink that is renewed in place keeps working.
-    loader = _Loader(shown, source.parent.resolve())
+    loader = _Loader(shown, source.parent.resolve(), check_files)
     config = loader.load(text, source)
     if loader.errors:
         raise ConfigErrors(sorted(loader.errors, key=lambda e: e.line or 0))
@@ -155,9 +156,10 @@ class _RouteKey:
 class _Loader:
     """One pass over one rules file; accumulates errors and the names later checks refer to."""
 
-    def __init__(self, file: str, base_dir: Path) -> None:
+    def __init__(self, file: str, base_dir: Path, check_files: bool = True) -> None:
         self.file = file
         self.base_dir = base_dir
+        self.check_files = check_files
         self.errors: list[ConfigError] = []
         # kind ("listener", "upstream", "peer", "route") -> name -> where it was defined. A kind
         # is absent while its section is unusable, so references to it are not also reported.
@@ -491,6 +493,8 @@ def _file(ld: _Loader, at: _At) -> Path:
     """A file the daemon will need: resolved against the rules file's directory, and opened now
     so a missing or unreadable certificate stops the load, not the first TLS handshake."""
     path = Path(os.path.normpath(ld.base_dir / _string(ld, at)))
+    if not ld.check_files:
+        return path
     try:
         with path.open("rb"):
             pass
@@ -1001,6 +1005,8 @@ def _output_file(ld: _Loader, at: _At) -> Path | None:
     if text == "-":
         return None
     path = Path(os.path.normpath(ld.base_dir / text))
+    if not ld.check_files:
+        return path
     if path.is_dir():
         raise _Invalid(f"{path} is a directory; name a file in it")
     if not path.parent.is_dir():

@@ -450,7 +450,12 @@ def _who(pid: int, info: AssociationInfo, name: str) -> Record:
         },
         "certificate": None
         if identity is None
-        else {"subject_cn": identity.subject_cn, "sha256": identity.fingerprint_sha256},
+        else {
+            "subject_cn": identity.subject_cn,
+            "san_dns": list(identity.san_dns),
+            "san_uri": list(identity.san_uri),
+            "sha256": identity.fingerprint_sha256,
+        },
     }
 
 
