@@ -8,6 +8,10 @@ message IDs, statuses, fragment sizes, how PDVs share PDUs. Hostile input is tha
 mutated, or noise. The session has its own properties: tests/test_core_contract.py (any input,
 ends once, blames the hostile side) and tests/test_session_stateful.py (random interleavings).
 
+Adding a decoder (the data-set parser, say): its round trip and its any-bytes property here,
+one function in fuzz/targets.py, seeds in fuzz/corpus/<target>/ (tests/test_fuzz_corpus.py
+replays them).
+
 The example counts are bounded and derandomized so the suite stays fast and every CI run checks
 the same cases; raise ``max_examples`` locally to explore (the fuzz targets in fuzz/ explore
 the same decoders guided by coverage).
@@ -20,9 +24,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import replace
 from ipaddress import IPv4Address, IPv6Address
-from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pynetdicom.pdu import A_ASSOCIATE_RJ
@@ -561,26 +563,3 @@ def test_any_bytes_before_dicom_are_a_proxy_header_or_refused_within_the_header_
     except InvalidProxyHeader:
         return
     assert consumed <= MAX_HEADER_BYTES
-
-
-# ---- adding a decoder ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("module", ["pdu", "acse", "dimse", "stream", "proxy", "session"])
-def test_every_decoder_of_the_core_has_a_fuzz_target_and_a_seed_corpus(module: str) -> None:
-    """A new decoder (the data-set parser, say) gets a property here and a fuzz target: this
-    list and ``fuzz/targets.py`` are where to add it."""
-    from fuzz.targets import TARGETS
-
-    targets = {
-        "pdu": ("framer", "acse_rj"),
-        "acse": ("acse_rq", "acse_ac"),
-        "dimse": ("dimse",),
-        "stream": ("stream",),
-        "proxy": ("proxy",),
-        "session": ("session",),
-    }[module]
-    corpus = Path(__file__).resolve().parent.parent / "fuzz" / "corpus"
-    for name in targets:
-        assert name in TARGETS
-        assert any((corpus / name).iterdir()), f"no seeds for {name}"
