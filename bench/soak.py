@@ -21,10 +21,11 @@ hostile            garbage bytes; a truncated A-ASSOCIATE-RQ; a PDU header over 
                    the cap; a connection that says nothing until ARTIM closes it
 =================  ==============================================================  ========
 
-and SIGHUP reloads the rules every ``--reload-every`` seconds (the first one during the warm-up). Every ``--interval`` seconds it
-samples the daemon: RSS and open descriptors (``/proc``), open associations and event-loop lag
-(its ``/metrics``: ``dicomfw_active_associations``, ``dicomfw_event_loop_lag_seconds``, the
-p99 and the worst of the interval from the histogram's buckets). At the end of the warm-up and
+and SIGHUP reloads the rules every ``--reload-every`` seconds (the first one during the
+warm-up). Every ``--interval`` seconds it samples the daemon: RSS and open descriptors
+(``/proc``), open associations and event-loop lag (its ``/metrics``:
+``dicomfw_active_associations``, ``dicomfw_event_loop_lag_seconds``, the p99 and the worst of
+the interval from the histogram's buckets). At the end of the warm-up and
 at the end of the run the traffic pauses until no association is open, and RSS and descriptors
 are read at rest: those two readings are what "flat" is judged on.
 
