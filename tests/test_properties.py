@@ -59,7 +59,7 @@ from tests.corehelpers import (
     release_rq,
 )
 from tests.sizes import retained_bytes
-from tests.test_core_contract import mutated
+from tests.test_core_contract import mutated, reads
 from tests.test_core_proxy import header as proxy_header
 
 CAP = 65_536
@@ -96,17 +96,6 @@ def proposed_contexts(draw: st.DrawFn) -> list[tuple[int, str, list[str]]]:
     return [
         (cid, draw(uids), draw(st.lists(uids, min_size=1, max_size=4, unique=True))) for cid in ids
     ]
-
-
-def reads(data: st.DataObject, stream: bytes) -> list[bytes]:
-    """``stream`` cut into reads at drawn offsets: single bytes, header splits, one read."""
-    cuts = sorted(set(data.draw(st.lists(st.integers(0, len(stream)), max_size=12))))
-    pieces, start = [], 0
-    for cut in [*cuts, len(stream)]:
-        if cut > start:
-            pieces.append(stream[start:cut])
-            start = cut
-    return pieces
 
 
 def hostile(data: st.DataObject, honest: bytes) -> bytes:

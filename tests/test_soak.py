@@ -29,8 +29,19 @@ def test_two_and_a_half_minutes_of_mixed_traffic_leave_memory_and_descriptors_fl
     tmp_path: Path,
 ) -> None:
     done = subprocess.run(
-        [sys.executable, str(BENCH / "soak.py"), "--seconds", str(SECONDS), "--warmup", "30",
-         "--interval", "2", "--no-plot", "--out", str(tmp_path)],  # fmt: skip
+        [
+            sys.executable,
+            str(BENCH / "soak.py"),
+            "--seconds",
+            str(SECONDS),
+            "--warmup",
+            "30",
+            "--interval",
+            "2",
+            "--no-plot",
+            "--out",
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=SECONDS + 200,
