@@ -186,17 +186,20 @@ def schedule(calibration: Connection, seed: int) -> list[Fault]:
         for name, start, end in phases(bytes(calibration.recorded[direction]))
     ]
     faults: list[Fault] = []
+    turn = 0  # the phases are taken in turn by the faulted associations
     for number in range(ASSOCIATIONS):
         if number % 4 == 0:
             faults.append(Fault())
-            continue
-        if number in (1, 2):  # a peer that never says a word
+        elif number in (1, 2):  # a peer that never says a word
             direction = "up" if number == 1 else "down"
             faults.append(Fault("stall", direction, 0, f"silent {direction}"))
-            continue
-        direction, name, start, end = places[number % len(places)]
-        kind = rng.choice(FAULTS)
-        faults.append(Fault(kind, direction, rng.randrange(start, end), f"{direction}: {name}"))
+        else:
+            direction, name, start, end = places[turn % len(places)]
+            turn += 1
+            kind = rng.choice(FAULTS)
+            faults.append(Fault(kind, direction, rng.randrange(start, end), f"{direction}: {name}"))
+    every_phase = {f"{direction}: {name}" for direction, name, _, _ in places}
+    assert every_phase <= {fault.phase for fault in faults}, "a phase no fault falls in"
     return faults
 
 
