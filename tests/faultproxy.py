@@ -67,7 +67,6 @@ class Connection:
         default_factory=lambda: {"up": bytearray(), "down": bytearray()}
     )
     struck: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
 
 
 class FaultProxy:
@@ -121,7 +120,6 @@ class FaultProxy:
             server = socket.create_connection(("127.0.0.1", self.target_port), WAIT)
         except OSError:
             client.close()
-            connection.done.set()
             return
         for sock in (client, server):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -142,7 +140,6 @@ class FaultProxy:
         for sock in (client, server):
             with contextlib.suppress(OSError):
                 sock.close()
-        connection.done.set()
 
     def _pump(
         self,
