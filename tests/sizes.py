@@ -62,12 +62,20 @@ def _global(item: object) -> bool:
     return item is None or isinstance(item, _PER_PROCESS)
 
 
+#: How attributes are stored: in ``__slots__`` (member descriptors) or, in a class mypyc
+#: compiled, as native fields behind getset descriptors; ``__dict__`` holds the rest.
+_FIELDS = (types.MemberDescriptorType, types.GetSetDescriptorType)
+
+
 def _attributes(item: object) -> list[object]:
-    found: list[object] = []
-    if hasattr(item, "__dict__"):
-        found.extend(vars(item).values())
+    """The values of ``item``'s attributes, whether interpreted (``__dict__``, ``__slots__``)
+    or compiled by mypyc (the suite runs against either install)."""
+    found: list[object] = list(vars(item).values()) if hasattr(item, "__dict__") else []
     for klass in type(item).__mro__:
-        for name in getattr(klass, "__slots__", ()):
-            if hasattr(item, name):
-                found.append(getattr(item, name))
+        for name, descriptor in vars(klass).items():
+            if isinstance(descriptor, _FIELDS) and name not in ("__dict__", "__weakref__"):
+                try:
+                    found.append(getattr(item, name))
+                except AttributeError:  # a slot never assigned
+                    continue
     return found
