@@ -41,13 +41,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from dicomfw.service.daemon import load_runtime
+    from dicomfw.service.daemon import expiring_crls, load_runtime
 
     try:
         runtime = load_runtime(args.config)
     except ConfigErrors as errors:
         return _config_errors(errors)
     sys.stdout.write(describe(runtime.config))
+    for listener, crl, due in expiring_crls(runtime):  # what the daemon warns of, too
+        sys.stderr.write(
+            f"warning: {crl}: listeners.{listener}.tls.crl: next update due on"
+            f" {due:%Y-%m-%d %H:%M} UTC: renew it (dicomfw certs crl) and reload before then,"
+            " or the listener refuses every client certificate\n"
+        )
     sys.stdout.write(f"\n{args.config}: OK\n")
     return 0
 

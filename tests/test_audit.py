@@ -45,6 +45,11 @@ def _stable(record: dict[str, Any]) -> dict[str, Any]:
     return stable
 
 
+def _ctx(sop_class: str, uid: str) -> dict[str, str]:
+    """An accepted context, as pynetdicom's SCP accepts them here: explicit VR little endian."""
+    return {"sop_class": sop_class, "sop_class_uid": uid, "transfer_syntax": "1.2.840.10008.1.2.1"}
+
+
 def _op(service: str, sop_class: str, uid: str, **counts: int) -> dict[str, Any]:
     base = {"requests": 0, "success": 0, "warning": 0, "failure": 0, "cancel": 0, "refused": 0}
     return {"service": service, "sop_class": sop_class, "sop_class_uid": uid} | base | counts
@@ -73,11 +78,13 @@ def test_audit_records_of_a_known_sequence_match_field_by_field(tmp_path: Path, 
          "route": "front/PACS", "upstream": upstream, **released, **traffic,
          "operations": [_op("C-ECHO", "Verification", verification, requests=1, success=1),
                         _op("C-STORE", "CTImageStorage", ct, requests=2, success=2)],
-         "instances_stored": 2, "refused_contexts": []},
+         "instances_stored": 2,
+         "contexts": [_ctx("CTImageStorage", ct), _ctx("Verification", verification)],
+         "refused_contexts": [], "move_destinations": []},
         {"event": "request_refused", **front, "calling_ae": "CT01", "called_ae": "PACS",
          "route": "front/PACS", "service": "C-FIND",
          "sop_class": "StudyRootQueryRetrieveInformationModelFind", "sop_class_uid": find,
-         "message_id": 1, "status": "0x0124", "reason": "service_not_allowed",
+         "message_id": 1, "status": "0x0124", "count": 1, "reason": "service_not_allowed",
          "detail": f"C-FIND of {find} is not allowed on route 'front/PACS'"},
         {"event": "association", **front, "calling_ae": "CT01", "called_ae": "PACS",
          "route": "front/PACS", "upstream": upstream, **released, **traffic,
@@ -85,15 +92,20 @@ def test_audit_records_of_a_known_sequence_match_field_by_field(tmp_path: Path, 
                         _op("C-FIND", "StudyRootQueryRetrieveInformationModelFind", find,
                             requests=1, refused=1)],
          "instances_stored": 0,
+         "contexts": [_ctx("CTImageStorage", ct),
+                      _ctx("StudyRootQueryRetrieveInformationModelFind", find),
+                      _ctx("Verification", verification)],
          "refused_contexts": [{"sop_class": "MRImageStorage",
                                "sop_class_uid": "1.2.840.10008.5.1.4.1.1.4",
-                               "reason": "sop_class_not_allowed"}]},
+                               "reason": "sop_class_not_allowed"}],
+         "move_destinations": []},
         {"event": "association", "listener": "secure", "source": "127.0.0.1:*",
          "certificate": {"subject_cn": "remote", "sha256": _fingerprint(pki.remote.cert)},
          "calling_ae": "REMOTE", "called_ae": "PACS", "route": "secure/PACS",
          "upstream": upstream, **released, **traffic,
          "operations": [_op("C-ECHO", "Verification", verification, requests=1, success=1)],
-         "instances_stored": 0, "refused_contexts": []},
+         "instances_stored": 0, "contexts": [_ctx("Verification", verification)],
+         "refused_contexts": [], "move_destinations": []},
         {"event": "association_rejected", **front, "calling_ae": "STRANGER", "called_ae": "PACS",
          "route": None, "reason": "calling_ae_unknown",
          "detail": "calling AE 'STRANGER' is not a peer", "by_upstream": False,
@@ -108,12 +120,12 @@ def test_audit_records_of_a_known_sequence_match_field_by_field(tmp_path: Path, 
          "rejection": {"result": 2, "source": 3, "reason": 1}},
         {"event": "connection_refused", "listener": "secure", "source": "127.0.0.1:*",
          "certificate": None, "reason": "tls_handshake_failed", "cause": "no_certificate",
-         "detail": "PEER_DID_NOT_RETURN_A_CERTIFICATE"},
+         "detail": "PEER_DID_NOT_RETURN_A_CERTIFICATE", "presented_certificate": None},
         {"event": "association", **front, "calling_ae": None, "called_ae": None, "route": None,
          "upstream": None, "outcome": "aborted", "reason": "requester_protocol_error",
          "detail": "association PDU too short", "bytes_from_requester": True,
          "bytes_from_upstream": False, "operations": [], "instances_stored": 0,
-         "refused_contexts": []},
+         "contexts": [], "refused_contexts": [], "move_destinations": []},
         {"event": "application_stop", "config": config},
     ]  # fmt: skip
     assert records[7]["detail"].startswith("dead: ")
@@ -134,14 +146,15 @@ def test_a_request_the_upstream_failed_gets_its_own_record(tmp_path: Path, pki: 
     assert [_stable(r) for r in records[1:3]] == [
         {"event": "request_failed", **front, "calling_ae": "CT01", "called_ae": "PACS",
          "route": "front/PACS", "service": "C-STORE", "sop_class": "CTImageStorage",
-         "sop_class_uid": CT, "message_id": 1, "status": "0xA700"},
+         "sop_class_uid": CT, "message_id": 1, "status": "0xA700", "count": 1},
         {"event": "association", **front, "calling_ae": "CT01", "called_ae": "PACS",
          "route": "front/PACS",
          "upstream": {"name": "pacs", "host": "127.0.0.1", "port": pacs.port},
          "outcome": "released", "reason": "released", "detail": "",
          "bytes_from_requester": True, "bytes_from_upstream": True,
          "operations": [_op("C-STORE", "CTImageStorage", CT, requests=1, failure=1)],
-         "instances_stored": 0, "refused_contexts": []},
+         "instances_stored": 0, "contexts": [_ctx("CTImageStorage", CT)],
+         "refused_contexts": [], "move_destinations": []},
     ]  # fmt: skip
 
 

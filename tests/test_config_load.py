@@ -381,16 +381,16 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             [
                 "rules.yaml:2: listeners[0]: missing required key 'bind'",
                 "rules.yaml:3: listeners[0].bnid: unknown key 'bnid' (allowed: name, bind, tls, "
-                "proxy_protocol, proxy_from, limits); did you mean 'bind'?",
+                "proxy_protocol, proxy_from, limits, mode); did you mean 'bind'?",
             ],
             id="unknown key",
         ),
         pytest.param(
             "routes:",
-            "mode: enforce\nroutes:",
+            "modus: enforce\nroutes:",
             [
-                "rules.yaml:9: mode: unknown key 'mode' "
-                "(allowed: listeners, upstreams, peers, routes, limits, metrics, audit, workers)",
+                "rules.yaml:9: modus: unknown key 'modus' (allowed: mode, listeners, upstreams, "
+                "peers, routes, limits, metrics, audit, workers); did you mean 'mode'?",
             ],
             id="unknown top-level key",
         ),
@@ -632,8 +632,8 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             "unused:\n",
             [
                 "rules.yaml:1: missing required key 'routes'",
-                "rules.yaml:9: unused: unknown key 'unused' "
-                "(allowed: listeners, upstreams, peers, routes, limits, metrics, audit, workers)",
+                "rules.yaml:9: unused: unknown key 'unused' (allowed: mode, listeners, "
+                "upstreams, peers, routes, limits, metrics, audit, workers)",
             ],
             id="missing section",
         ),

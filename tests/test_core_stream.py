@@ -16,7 +16,7 @@ import pytest
 
 from dicomfw.core import pdu
 from dicomfw.core.dimse import DimseCommand
-from dicomfw.core.stream import Buffer, DataStream
+from dicomfw.core.stream import FORWARD, HOLD, SWALLOW, Buffer, DataStream
 from dicomfw.errors import RemoteProtocolError
 from tests.corehelpers import (
     abort_pdu,
@@ -28,6 +28,8 @@ from tests.corehelpers import (
     data_pdv,
     joined,
     p_data,
+    pdv,
+    pdvs_of,
     release_rp,
     release_rq,
     split_at,
@@ -125,9 +127,9 @@ class Recorder:
     refused: frozenset[int] = frozenset()
     calls: list[tuple[int, DimseCommand]] = field(default_factory=list)
 
-    def __call__(self, context_id: int, command: DimseCommand) -> bool:
+    def __call__(self, context_id: int, command: DimseCommand) -> int:
         self.calls.append((context_id, command))
-        return command.message_id not in self.refused
+        return SWALLOW if command.message_id in self.refused else FORWARD
 
     @property
     def message_ids(self) -> list[int | None]:
@@ -421,3 +423,146 @@ def test_over_cap_length_is_refused_from_the_header_before_the_body_arrives() ->
     stream.feed(b"\x04\x00")
     with pytest.raises(RemoteProtocolError):
         stream.feed((CAP + 1).to_bytes(4, "big"))
+
+
+# ---- held messages: decide answers HOLD, inspect settles their fate ----------------------------
+
+
+@dataclass
+class Inspector:
+    """Holds the messages with the given IDs and settles each on its ``at``-th data fragment:
+    FORWARD or SWALLOW, or HOLD to the end (then the test settles it). Records what it saw."""
+
+    held: frozenset[int]
+    verdict: int = FORWARD
+    at: int = 1
+    seen: list[tuple[bytes, bool]] = field(default_factory=list)
+    calls: list[int | None] = field(default_factory=list)
+
+    def decide(self, context_id: int, command: DimseCommand) -> int:
+        self.calls.append(command.message_id)
+        return HOLD if command.message_id in self.held else FORWARD
+
+    def inspect(self, fragment: memoryview, last: bool) -> int:
+        self.seen.append((bytes(fragment), last))
+        return self.verdict if len(self.seen) == self.at else HOLD
+
+    def stream(self) -> DataStream:
+        return DataStream(ACCEPTED, CAP, self.decide, self.inspect)
+
+
+def data_set_of(message: int) -> bytes:
+    """The data-set fragments of message number ``message`` of the transcript, joined."""
+    return b"".join(
+        v[6:]
+        for p in TRANSCRIPT
+        if not isinstance(p, bytes)
+        for m, v in p
+        if m == message
+        if not v[5] & 0x01
+    )
+
+
+@pytest.mark.parametrize("message", [0, 2, 4])
+def test_a_held_message_that_inspect_forwards_leaves_byte_identical_in_any_split(
+    message: int,
+) -> None:
+    for offset in range(len(DATA) + 1):
+        inspector = Inspector(frozenset((MESSAGE_IDS[message],)), FORWARD, at=2)
+        out = feed_all(inspector.stream(), split_at(DATA, [offset]))
+        assert joined(out) == DATA, f"split at {offset}"
+        assert b"".join(f for f, _ in inspector.seen) == data_set_of(message)
+        assert [last for _, last in inspector.seen][-1]  # the last fragment is flagged
+
+
+@pytest.mark.parametrize("message", [0, 2, 3, 4])
+def test_a_held_message_that_inspect_swallows_is_cut_out_whole(message: int) -> None:
+    expected = expected_output(TRANSCRIPT, frozenset((message,)))
+    for offset in range(len(DATA) + 1):
+        inspector = Inspector(frozenset((MESSAGE_IDS[message],)), SWALLOW, at=1)
+        out = feed_all(inspector.stream(), split_at(DATA, [offset]))
+        assert joined(out) == expected, f"split at {offset}"
+        assert inspector.calls == MESSAGE_IDS  # every other message was decided in turn
+
+
+def test_nothing_of_a_held_message_leaves_before_inspect_lets_it() -> None:
+    inspector = Inspector(frozenset((1,)), FORWARD, at=3)
+    stream = inspector.stream()
+    first = [p for p in TRANSCRIPT[:4] if not isinstance(p, bytes)]
+    assert joined(stream.feed(wire(first[:3]))) == b""  # command + two fragments: still held
+    assert joined(stream.feed(wire(first[3:]))) == wire(first)
+
+
+def test_a_message_held_to_its_end_stops_the_reading_until_it_is_settled() -> None:
+    inspector = Inspector(frozenset((3,)), HOLD)  # message 2 (ID 3): held to its end
+    stream = inspector.stream()
+    out = stream.feed(DATA)
+    # message 1 shares its PDU with message 2, and waits with it
+    assert joined(out) == wire(TRANSCRIPT[:4])
+    assert not stream.at_message_boundary
+    assert stream.inject(b"ours") == []  # our own PDUs wait too
+    rest = stream.take_unread()
+    end_of_message_2 = TRANSCRIPT[5][0][1]
+    assert isinstance(end_of_message_2, bytes)
+    assert joined(stream.settle(True)) == wire(TRANSCRIPT[4:5]) + p_data(end_of_message_2) + b"ours"
+    start_of_find = p_data(command_pdv(FIND, FIND_4[:40], last=False))  # framed anew
+    assert joined(feed_all(stream, [rest])) == start_of_find + wire(TRANSCRIPT[6:])
+    assert inspector.calls == MESSAGE_IDS
+
+
+def test_a_late_refusal_raised_by_inspect_stops_the_feed() -> None:
+    class Late(Exception):
+        pass
+
+    def inspect(fragment: memoryview, last: bool) -> int:
+        if last:
+            raise Late
+        return FORWARD
+
+    stream = DataStream(ACCEPTED, CAP, lambda _, c: HOLD if c.message_id == 1 else FORWARD, inspect)
+    with pytest.raises(Late):
+        stream.feed(wire(TRANSCRIPT[:4]))
+
+
+def pdv_sequence(stream: bytes) -> list[bytes]:
+    """The PDVs of every P-DATA-TF in ``stream``, and every other PDU whole, in order."""
+    items, pos = [], 0
+    while pos < len(stream):
+        length = int.from_bytes(stream[pos + 2 : pos + 6], "big")
+        pdu_bytes = stream[pos : pos + 6 + length]
+        if pdu_bytes[0] == 0x04:
+            items += [pdv(c, control, data) for c, control, data in pdvs_of(pdu_bytes)]
+        else:
+            items.append(pdu_bytes)
+        pos += 6 + length
+    return items
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_a_held_message_without_a_data_set_waits_for_settle(forward: bool) -> None:
+    inspector = Inspector(frozenset((2,)), HOLD)  # message 1: the C-ECHO (ID 2)
+    stream = inspector.stream()
+    out = joined(stream.feed(DATA))
+    assert out == wire(TRANSCRIPT[:4])  # the echo's PDU also carries message 2: both wait
+    rest = stream.take_unread()
+    settled = joined(stream.settle(forward))
+    assert settled == (p_data(command_pdv(ECHO, ECHO_2)) if forward else b"")
+    assert inspector.seen == []  # an echo has no data set to show
+    expected = expected_output(TRANSCRIPT, frozenset() if forward else frozenset({1}))
+    total = out + settled + joined(feed_all(stream, [rest]))
+    assert pdv_sequence(total) == pdv_sequence(expected)  # the same PDVs, framed anew
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_a_message_settled_while_its_data_set_still_arrives(forward: bool) -> None:
+    inspector = Inspector(frozenset((5,)), HOLD)  # message 4 (ID 5): five PDUs
+    stream = inspector.stream()
+    out = joined(stream.feed(wire(TRANSCRIPT[:10])))  # up to its first data PDU
+    assert out == wire(TRANSCRIPT[:7])
+    assert len(inspector.seen) == 2  # that PDU's two fragments
+    settled = joined(stream.settle(forward))
+    assert settled == (wire(TRANSCRIPT[7:10]) if forward else b"")
+    inspector.verdict, inspector.at = FORWARD, 3  # what inspect answers for the last fragment
+    after = joined(stream.feed(wire(TRANSCRIPT[10:])))
+    assert after == (wire(TRANSCRIPT[10:]) if forward else wire(TRANSCRIPT[11:]))
+    assert len(inspector.seen) == (3 if forward else 2)  # swallowed fragments are not shown

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = "Layers: __main__ -> cli -> demo"
 SERVICE = "Inside service: supervisor -> daemon -> heap | sdnotify"
 OBSERVE = "Inside observe: observability -> atna -> eventlog | metrics | audit"
-PKI = "Inside pki: cli -> certs"
+PKI = "Inside pki: cli -> checks -> certs"
 SANS_IO = "The core is sans-IO"
 ALL = (LAYERS, SERVICE, OBSERVE, PKI, SANS_IO)
 
@@ -92,6 +92,7 @@ def test_the_unmodified_copy_keeps_every_contract(tmp_path: Path) -> None:
         ("observe/audit.py", "from dicomfw.observe import observability", {OBSERVE}),
         ("service/daemon.py", "import dicomfw.service.supervisor", {SERVICE}),
         ("pki/certs.py", "from dicomfw.pki import cli", {PKI}),
+        ("pki/certs.py", "from dicomfw.pki import checks", {PKI}),
         # The ground floor imports nothing of dicomfw's.
         ("errors.py", "import dicomfw.core.pdu", {LAYERS}),
     ],

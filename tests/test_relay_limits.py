@@ -17,6 +17,7 @@ from typing import Any
 
 import pydicom
 
+from dicomfw.core.ratelimit import Limiter
 from dicomfw.core.session import AssociationRejected, RequestRefused
 from dicomfw.relay.server import Refused
 from tests.corehelpers import (
@@ -287,3 +288,25 @@ def _read_all(sock: socket.socket) -> bytes:
         while chunk := sock.recv(65536):
             data += chunk
     return bytes(data)
+
+
+def test_with_a_shared_limiter_and_no_store_the_instance_decides_from_its_own_counts(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """The session asks (CheckLimits) and waits; with no store to ask, or one that cannot
+    answer under ``fail: open``, the relay answers from this instance's counters."""
+    with (
+        running_scp() as pacs,
+        running_firewall(tmp_path, limited(pki, pacs.port, "max_concurrent_per_ip: 1")) as fw,
+    ):
+        assert fw.relay is not None
+        relay = fw.relay
+        fw.call(lambda: setattr(relay, "limiter", Limiter(shared=True)))
+        port = fw.port("front")
+        held = associate(port, "127.0.0.1")
+        assert held.send_c_echo().Status == 0x0000
+        second = first_pdu_from("127.0.0.1", port, associate_rq("CT01", "PACS"))
+        held.release()
+        assert echo_from("127.0.0.1", port)
+        assert_nothing_counted(fw)
+    assert second == LOCAL_LIMIT_RJ

@@ -42,6 +42,8 @@ from dicomfw.config.model import (
 )
 from dicomfw.core import uids
 from dicomfw.core.policy import (
+    ENFORCE,
+    MONITOR,
     SERVICE_COMMANDS,
     AllowRule,
     CertificateIdentity,
@@ -160,9 +162,17 @@ class _Loader:
         # ``listeners[].limits`` and ``peers[].limits``, folded into ``Limits.rates`` at the end.
         self.listener_limits: dict[str, RateLimits] = {}
         self.peer_limits: dict[str, RateLimits] = {}
+        # ``mode`` of the file and of each listener that sets one: a route without its own
+        # takes its listener's, else the file's.
+        self.site_mode = ENFORCE
+        self.listener_modes: dict[str, str] = {}
         self._constructor = SafeConstructor()
 
     # -- reporting ---------------------------------------------------------------------------
+
+    def where(self, at: _At) -> str:
+        """``FILE:LINE`` of a node, for rule objects to say where they were defined."""
+        return f"{self.file}:{at.line}"
 
     def error(self, at: _At, message: str, line: int | None = None) -> None:
         self.errors.append(ConfigError(self.file, line or at.line, at.path, message))
@@ -227,7 +237,12 @@ class _Loader:
             source=source,
             listeners=tuple(values["listeners"]),
             upstreams=tuple(values["upstreams"]),
-            policy=Policy(peers=tuple(values["peers"]), routes=tuple(values["routes"])),
+            policy=Policy(
+                peers=tuple(values["peers"]),
+                routes=tuple(values["routes"]),
+                mode=self.site_mode,
+                listener_modes=self.listener_modes,
+            ),
             limits=self.with_overrides(values.get("limits", Limits())),
             metrics=values.get("metrics"),
             audit=values.get("audit"),
@@ -608,6 +623,8 @@ def _listener(ld: _Loader, at: _At) -> Listener:
     found.require_ok()
     if "limits" in values:
         ld.listener_limits[values["name"]] = values["limits"]
+    if "mode" in values:
+        ld.listener_modes[values["name"]] = values["mode"]
     host, port = values["bind"]
     return Listener(
         values["name"], host, port, values.get("tls"), proxied, tuple(values.get("proxy_from", ()))
@@ -658,7 +675,9 @@ def _peer(ld: _Loader, at: _At) -> Peer:
     values = found.values
     if "limits" in values:
         ld.peer_limits[values["ae_title"]] = values["limits"]
-    return Peer(values["ae_title"], tuple(values["networks"]), values.get("certificate"))
+    return Peer(
+        values["ae_title"], tuple(values["networks"]), values.get("certificate"), ld.where(at)
+    )
 
 
 def _peers(ld: _Loader, at: _At) -> list[Peer]:
@@ -683,6 +702,7 @@ def _allow_rule(ld: _Loader, at: _At) -> AllowRule:
         sop_classes=_frozen(values.get("sop_classes")),
         transfer_syntaxes=_frozen(values.get("transfer_syntaxes")),
         move_destinations=_frozen(values.get("move_destinations")),
+        where=ld.where(at),
     )
 
 
@@ -721,6 +741,8 @@ def _route(ld: _Loader, at: _At) -> Route:
         calling_aes=calling_aes,
         upstream_called_ae=rewrite.get("called_ae"),
         upstream_calling_ae=rewrite.get("calling_ae"),
+        mode=values.get("mode") or ld.listener_modes.get(listener, ld.site_mode),
+        where=ld.where(at),
     )
 
 
@@ -808,6 +830,15 @@ def _choice(*options: str) -> Check[str]:
         return value
 
     return check
+
+
+_MODE: Final = _choice(ENFORCE, MONITOR)
+
+
+def _site_mode(ld: _Loader, at: _At) -> str:
+    """``mode:`` of the whole file: read first, since listeners and routes default to it."""
+    ld.site_mode = _MODE(ld, at)
+    return ld.site_mode
 
 
 def _workers(ld: _Loader, at: _At) -> int:
@@ -921,6 +952,7 @@ _LISTENER: Final[Schema] = {
     "proxy_protocol": (OPTIONAL, _boolean),
     "proxy_from": (OPTIONAL, _list_of(_network)),
     "limits": (OPTIONAL, _rate_limits(_LISTENER_RATE_LIMITS)),
+    "mode": (OPTIONAL, _MODE),
 }
 _UPSTREAM: Final[Schema] = {
     "host": (REQUIRED, _host),
@@ -957,6 +989,7 @@ _ROUTE: Final[Schema] = {
     "calling_ae": (OPTIONAL, _list_of(_reference("peer"))),
     "rewrite": (OPTIONAL, _rewrite),
     "allow": (REQUIRED, _list_of(_allow_rule)),
+    "mode": (OPTIONAL, _MODE),
 }
 _LIMITS: Final[Schema] = {
     "max_pdu_bytes": (OPTIONAL, _int_in(4096, 67_108_864)),
@@ -984,6 +1017,7 @@ _AUDIT: Final[Schema] = {
 }
 # Order matters: routes refer to listeners, upstreams and peers, so those are checked first.
 _TOP: Final[Schema] = {
+    "mode": (OPTIONAL, _site_mode),
     "listeners": (REQUIRED, _listeners),
     "upstreams": (REQUIRED, _upstreams),
     "peers": (REQUIRED, _peers),

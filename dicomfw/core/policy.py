@@ -4,6 +4,12 @@
 2. Which proposed presentation contexts survive (SOP class, transfer syntaxes)?
 3. May this DIMSE request pass (service, SOP class, C-MOVE destination)?
 
+Each listener and route runs in ``enforce`` or ``monitor`` mode. The answers are the same in
+both: in monitor mode the session records what enforce mode would have refused and lets it
+pass, except where there is nothing to let it pass to (no route for the called AE). Every rule
+object carries ``where`` (``FILE:LINE`` of its definition) so an answer can name the rule that
+gave it.
+
 Everything here is pure and frozen: a reload builds a new ``Policy`` and swaps one reference,
 and an association keeps the ``Policy`` it started with. The answers carry the exact DICOM
 codes (PS3.8 Table 9-21 for A-ASSOCIATE-RJ, PS3.7 Annex C for DIMSE statuses) so the relay
@@ -56,6 +62,10 @@ PC_USER_REJECTION: Final = 1
 PC_ABSTRACT_SYNTAX_NOT_SUPPORTED: Final = 3
 PC_TRANSFER_SYNTAXES_NOT_SUPPORTED: Final = 4
 
+#: Modes of a listener or a route: refuse what the rules refuse, or only record it.
+ENFORCE: Final = "enforce"
+MONITOR: Final = "monitor"
+
 # DIMSE statuses used for refusals (PS3.7 Annex C and C.4.2).
 STATUS_NOT_AUTHORIZED: Final = 0x0124
 STATUS_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
@@ -100,6 +110,7 @@ class Peer:
     ae_title: str
     networks: tuple[IPNetwork, ...]
     certificate: CertificateIdentity | None = None
+    where: str = field(default="", compare=False)  # FILE:LINE of its definition
 
     def allows_address(self, address: IPAddress) -> bool:
         return in_networks(self.networks, address)
@@ -126,6 +137,7 @@ class AllowRule:
     sop_classes: frozenset[str] | None = None
     transfer_syntaxes: frozenset[str] | None = None
     move_destinations: frozenset[str] | None = None
+    where: str = field(default="", compare=False)
 
     def covers_sop_class(self, sop_class: str) -> bool:
         """A rule allowing C-ECHO covers Verification without listing it next to CT or MR."""
@@ -148,6 +160,8 @@ class Route:
     calling_aes: frozenset[str] | None = None
     upstream_called_ae: str | None = None
     upstream_calling_ae: str | None = None
+    mode: str = ENFORCE  # the route's own, else its listener's, else the rules file's
+    where: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,8 +177,13 @@ class Reject:
 
 @dataclass(frozen=True, slots=True)
 class Accept:
+    """``peer`` is None only in monitor mode, for a calling AE no peer has; ``objections`` are
+    what enforce mode would have rejected the association with, in the order it checks them
+    (the first is the answer it would have given)."""
+
     route: Route
-    peer: Peer
+    peer: Peer | None
+    objections: tuple[Reject, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +198,9 @@ class ContextVerdict:
 
 @dataclass(frozen=True, slots=True)
 class Allow:
-    pass
+    """The allow rule that admits the request (the first that does)."""
+
+    rule: AllowRule
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,15 +212,16 @@ class Refuse:
     detail: str = ""
 
 
-ALLOW: Final = Allow()
-
-
 @dataclass(frozen=True)
 class Policy:
     """All rules that decide what passes. Built by the config loader, never mutated."""
 
     peers: tuple[Peer, ...]
     routes: tuple[Route, ...]
+    #: The rules file's mode, and each listener's where it sets one: for what is decided before
+    #: a route is known (the source address at accept).
+    mode: str = ENFORCE
+    listener_modes: dict[str, str] = field(default_factory=dict)
     _peer_by_ae: dict[str, Peer] = field(init=False, repr=False, compare=False)
     _routes_by_key: dict[tuple[str, str], tuple[Route, ...]] = field(
         init=False, repr=False, compare=False
@@ -217,6 +239,9 @@ class Policy:
         """Checked at TCP accept, before a byte is read: is the address any peer's network?"""
         return any(peer.allows_address(address) for peer in self.peers)
 
+    def listener_mode(self, listener: str) -> str:
+        return self.listener_modes.get(listener, self.mode)
+
     def decide_association(
         self,
         listener: str,
@@ -225,34 +250,56 @@ class Policy:
         called_ae: str,
         identity: PresentedIdentity | None,
     ) -> Accept | Reject:
-        """PS3.8 §9.3.4 answers for an A-ASSOCIATE-RQ. AE titles arrive already stripped."""
+        """PS3.8 §9.3.4 answers for an A-ASSOCIATE-RQ. AE titles arrive already stripped.
+
+        The checks run in a fixed order and enforce mode answers with the first that fails.
+        In monitor mode (the route's) every failing check becomes an objection and the
+        association goes on, unless there is no route for the called AE to go on to.
+        """
+        candidates = self._routes_by_key.get((listener, called_ae), ())
+        route = next(
+            (r for r in candidates if r.calling_aes is None or calling_ae in r.calling_aes),
+            None,
+        )
+        objections: list[Reject] = []
         peer = self._peer_by_ae.get(calling_ae)
         if peer is None:
-            return _reject_calling("calling_ae_unknown", f"calling AE {calling_ae!r} is not a peer")
-        if not peer.allows_address(address):
-            return _reject_calling(
-                "source_network_denied", f"{calling_ae!r} may not connect from {address}"
+            objections.append(
+                _reject_calling("calling_ae_unknown", f"calling AE {calling_ae!r} is not a peer")
             )
-        if peer.certificate is not None and not peer.certificate.matches(identity):
-            return _reject_calling(
-                "certificate_mismatch",
-                f"{calling_ae!r} is bound to a certificate identity this connection lacks",
+        elif not peer.allows_address(address):
+            objections.append(
+                _reject_calling(
+                    "source_network_denied", f"{calling_ae!r} may not connect from {address}"
+                )
             )
-        candidates = self._routes_by_key.get((listener, called_ae), ())
+        elif peer.certificate is not None and not peer.certificate.matches(identity):
+            objections.append(
+                _reject_calling(
+                    "certificate_mismatch",
+                    f"{calling_ae!r} is bound to a certificate identity this connection lacks",
+                )
+            )
         if not candidates:
-            return Reject(
-                RJ_PERMANENT,
-                RJ_SOURCE_USER,
-                RJ_USER_CALLED_AE_NOT_RECOGNIZED,
-                "called_ae_unknown",
-                f"no route for called AE {called_ae!r} on listener {listener!r}",
+            objections.append(
+                Reject(
+                    RJ_PERMANENT,
+                    RJ_SOURCE_USER,
+                    RJ_USER_CALLED_AE_NOT_RECOGNIZED,
+                    "called_ae_unknown",
+                    f"no route for called AE {called_ae!r} on listener {listener!r}",
+                )
             )
-        for route in candidates:
-            if route.calling_aes is None or calling_ae in route.calling_aes:
-                return Accept(route, peer)
-        return _reject_calling(
-            "route_denies_calling_ae", f"no route to {called_ae!r} admits {calling_ae!r}"
-        )
+        elif route is None:
+            objections.append(
+                _reject_calling(
+                    "route_denies_calling_ae", f"no route to {called_ae!r} admits {calling_ae!r}"
+                )
+            )
+            route = candidates[0]  # where monitor mode lets it go
+        if route is None or (objections and route.mode != MONITOR):
+            return objections[0]
+        return Accept(route, peer, tuple(objections))
 
     @staticmethod
     def filter_context(
@@ -289,15 +336,18 @@ class Policy:
             )
         if service == "C-MOVE":
             destination = move_destination or ""
-            if not any(
-                r.move_destinations is None or destination in r.move_destinations for r in rules
-            ):
+            rules = [
+                r
+                for r in rules
+                if r.move_destinations is None or destination in r.move_destinations
+            ]
+            if not rules:
                 return Refuse(
                     STATUS_MOVE_DESTINATION_UNKNOWN,
                     "move_destination_denied",
                     f"C-MOVE destination {destination!r} is not allowed on route {route.name!r}",
                 )
-        return ALLOW
+        return Allow(rules[0])
 
 
 def _reject_calling(why: str, detail: str) -> Reject:

@@ -249,10 +249,44 @@ class Usage:
     keys: int  # counter entries and rate buckets in memory
 
 
-class Limiter:
-    """The counters and buckets of one process, shared by all its listeners and associations."""
+@dataclass(frozen=True, slots=True)
+class AssociationQuery:
+    """For a shared limit store (``Limiter(shared=True)``): may an association start? The
+    address's association rate, and when the policy accepted ``peer`` the peer's rate and the
+    concurrency caps, in one atomic decision. ``peer`` None: the policy rejected it, only the
+    address's rate counts (it slows down AE title guessing). Not ``enforce`` (monitor mode):
+    count the association even over a cap, and say which."""
 
-    def __init__(self) -> None:
+    listener: str
+    source: SourceKey
+    peer: str | None
+    enforce: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RequestQuery:
+    """For a shared limit store: may ``peer`` send a request of ``service`` now (its rate per
+    peer, over every instance)?"""
+
+    listener: str
+    peer: str
+    service: str
+    enforce: bool
+
+
+LimitQuery = AssociationQuery | RequestQuery
+
+
+class Limiter:
+    """The counters and buckets of one process, shared by all its listeners and associations.
+
+    ``shared``: the association limits and the per-peer request rates are decided by a store
+    all instances share (the relay asks it, see ``AssociationQuery``); this process still
+    counts what it admitted, so its own limits can stand in when the store cannot answer.
+    """
+
+    def __init__(self, shared: bool = False) -> None:
+        self.shared = shared
         self._pending: _Counts[SourceKey] = _Counts()
         self._by_source: _Counts[SourceKey] = _Counts()
         self._by_peer: _Counts[str] = _Counts()
@@ -284,6 +318,38 @@ class Limiter:
             + len(self._peer_requests)
         )
         return Usage(self._pending.total(), self._total, keys)
+
+
+def _over(
+    limiter: Limiter, limits: RateLimits, source: SourceKey, peer: str, now: float
+) -> Reject | None:
+    """The first association limit one more association of ``peer`` from ``source`` breaks:
+    the peer's association rate (a token is taken when there is one), then the caps."""
+    rate = limits.associations_per_minute_per_peer
+    if rate is not None and not limiter._peer_rates.get(peer, rate, now).take(rate, now):
+        return _over_limit(
+            "peer_association_rate_exceeded", f"{peer} is over {rate} associations/minute"
+        )
+    caps = (
+        (limits.max_concurrent_per_ip, limiter._by_source.get(source), "ip", source),
+        (limits.max_concurrent_per_peer, limiter._by_peer.get(peer), "peer", peer),
+        (limits.max_concurrent_total, limiter._total, "total", "the firewall"),
+    )
+    for cap, count, scope, who in caps:
+        if cap is not None and count >= cap:
+            return _over_limit(
+                f"{scope}_concurrency_exceeded", f"{who} has {count} of {cap} associations"
+            )
+    return None
+
+
+def _over_rate(service: str, rate: int, scope: str) -> Refuse:
+    """A request over its rate: its service's out-of-resources status (``OUT_OF_RESOURCES``)."""
+    return Refuse(
+        OUT_OF_RESOURCES.get(service, STATUS_RESOURCE_LIMITATION),
+        "request_rate_exceeded",
+        f"{service} is over {rate}/minute per {scope}",
+    )
 
 
 def _over_limit(why: str, detail: str) -> Reject:
@@ -318,6 +384,34 @@ class Gate:
         self._limits: RateLimits | None = None  # once admitted
         self._requests: _Buckets[str] = _Buckets()
 
+    @property
+    def shared(self) -> bool:
+        """The association limits and per-peer request rates are a shared store's to decide."""
+        return self._limiter.shared
+
+    @property
+    def source_key(self) -> SourceKey | None:
+        return self._source
+
+    @property
+    def listener(self) -> str:
+        return self._listener
+
+    @property
+    def peer(self) -> str | None:
+        """The peer it was admitted for (None before)."""
+        return self._peer
+
+    def shared_request_rate(self, service: str) -> bool:
+        """Whether a request of ``service`` needs the shared store's answer (a per-peer rate
+        is set for it and the store is shared)."""
+        limits = self._limits
+        return (
+            self._limiter.shared
+            and limits is not None
+            and service in limits.requests_per_minute_per_peer
+        )
+
     def source(self, now: float) -> Reject | None:
         """Before the policy looks at an A-ASSOCIATE-RQ: the per-address association rate,
         which also slows down anyone guessing AE titles."""
@@ -330,35 +424,25 @@ class Gate:
             "ip_association_rate_exceeded", f"{self._source} is over {rate} associations/minute"
         )
 
-    def admit(self, peer: str, now: float) -> Reject | None:
+    def admit(self, peer: str, now: float, enforce: bool = True) -> Reject | None:
         """The policy accepted ``peer``: check its association rate and the concurrency caps,
-        and on success count the association as active instead of pending."""
+        and count the association as active instead of pending. Over a limit, enforce mode
+        counts nothing and returns the rejection; monitor mode (``enforce`` False) returns it
+        too but counts the association, which goes on, so the counts stay true."""
         source = self._source
         if source is None or self._active:
             return None
         limiter = self._limiter
         limits = self._rules.effective(self._listener, peer)
-        rate = limits.associations_per_minute_per_peer
-        if rate is not None and not limiter._peer_rates.get(peer, rate, now).take(rate, now):
-            return _over_limit(
-                "peer_association_rate_exceeded", f"{peer} is over {rate} associations/minute"
-            )
-        caps = (
-            (limits.max_concurrent_per_ip, limiter._by_source.get(source), "ip", source),
-            (limits.max_concurrent_per_peer, limiter._by_peer.get(peer), "peer", peer),
-            (limits.max_concurrent_total, limiter._total, "total", "the firewall"),
-        )
-        for cap, count, scope, who in caps:
-            if cap is not None and count >= cap:
-                return _over_limit(
-                    f"{scope}_concurrency_exceeded", f"{who} has {count} of {cap} associations"
-                )
+        over = _over(limiter, limits, source, peer, now)
+        if over is not None and enforce:
+            return over
         limiter._pending.remove(source)
         limiter._by_source.add(source)
         limiter._by_peer.add(peer)
         limiter._total += 1
         self._peer, self._active, self._limits = peer, True, limits
-        return None
+        return over
 
     def request(self, service: str, now: float) -> Delay | Refuse | None:
         """May a DIMSE request of ``service`` pass now? ``None``: yes; ``Delay``: after a wait
@@ -367,7 +451,8 @@ class Gate:
         if limits is None:
             return None
         own = limits.requests_per_minute_per_association.get(service)
-        shared = limits.requests_per_minute_per_peer.get(service)
+        # per peer: this process's own buckets, unless a shared store decides that rate
+        shared = None if self._limiter.shared else limits.requests_per_minute_per_peer.get(service)
         if own is None and shared is None:
             return None
         assert self._peer is not None
@@ -383,11 +468,28 @@ class Gate:
             for bucket, rate_, _ in metered:
                 bucket.reserve(rate_, now)
             return Delay(wait) if wait else None
-        return Refuse(
-            OUT_OF_RESOURCES.get(service, STATUS_RESOURCE_LIMITATION),
-            "request_rate_exceeded",
-            f"{service} is over {rate}/minute per {scope}",
-        )
+        return _over_rate(service, rate, scope)
+
+    def decide_locally(self, query: LimitQuery, now: float) -> Reject | Delay | Refuse | None:
+        """What this process alone answers to ``query``: the fallback when the shared store
+        cannot (``fail: open``), from the same counters a store-less process uses."""
+        if isinstance(query, AssociationQuery):
+            over = self.source(now)
+            if query.peer is None or (over is not None and query.enforce):
+                return over
+            return self.admit(query.peer, now, query.enforce) or over
+        limits = self._limits
+        rate = None if limits is None else limits.requests_per_minute_per_peer.get(query.service)
+        if rate is None or self._peer is None:
+            return None
+        bucket = self._limiter._peer_requests.get((self._peer, query.service), rate, now)
+        wait = bucket.wait(rate, now)
+        if wait == 0.0 or (
+            limits is not None and limits.action == "delay" and wait <= MAX_DELAY_SECONDS
+        ):
+            bucket.reserve(rate, now)
+            return Delay(wait) if wait else None
+        return _over_rate(query.service, rate, "peer")
 
     def release(self) -> None:
         """The connection is gone: give back what it counted (idempotent)."""

@@ -5,7 +5,8 @@ side, upstream connected or failed, a side closed, a timer fired) and it answers
 (send these bytes to that side, connect the upstream, close a side) and events for audit and
 metrics. It never touches a socket or a clock, so every rule and every refusal is tested on bytes.
 
-States: AWAIT_RQ → (policy) → AWAIT_UPSTREAM → AWAIT_AC → ESTABLISHED → CLOSED. The firewall
+States: AWAIT_RQ → (policy) → [AWAIT_LIMITS] → AWAIT_UPSTREAM → AWAIT_AC → ESTABLISHED → CLOSED
+(AWAIT_LIMITS only when a shared store decides the limits: ``CheckLimits``). The firewall
 answers on its own only with refusals (A-ASSOCIATE-RJ, a failure *-RSP) or an A-ABORT: it never
 acknowledges anything the upstream did not.
 
@@ -18,12 +19,13 @@ The contract, which the property tests check on arbitrary input:
   answers with no command at all.
 * What a session holds is bounded by its configuration, not by what peers send: the PDU cap
   (one PDU in reassembly per direction), ``MAX_COMMAND_BYTES`` for a command in reassembly,
-  ``_MAX_EARLY_BYTES`` before the association is up, ``_MAX_DEFERRED_BYTES`` while the requester
-  is not read, and ``MAX_QUEUED_REPLY_BYTES`` of the firewall's own answers waiting for the
-  upstream's message to end (beyond it the session asks the relay to stop reading the
-  requester: ``PauseReading``). Refused requests are reported one by one up to
-  ``REFUSALS_REPORTED_ONE_BY_ONE`` of a kind, then as counts; past ``max_refusals`` the
-  requester is cut off.
+  ``_MAX_EARLY_BYTES`` before the association is up, ``_MAX_DEFERRED_BYTES`` while a side is not
+  read, ``MAX_HELD_BYTES`` of a message held for an answer (a request rate's delay, the shared
+  limit store), and ``MAX_QUEUED_REPLY_BYTES`` of the firewall's own answers waiting for the
+  upstream's message to end; beyond these the session asks the relay to stop reading that side
+  (``PauseReading``), and TCP holds the rest back at the peer. Refused requests are reported
+  one by one up to ``REFUSALS_REPORTED_ONE_BY_ONE`` of a kind, then as counts; past
+  ``max_refusals`` the requester is cut off.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dicomfw.core import acse, pdu
 from dicomfw.core.dimse import DimseCommand, encode_response, status_class
 from dicomfw.core.policy import (
     C_CANCEL_RQ,
+    MONITOR,
     PC_ACCEPTANCE,
     RJ_PERMANENT,
     RJ_SOURCE_PRESENTATION,
@@ -47,6 +50,7 @@ from dicomfw.core.policy import (
     RJ_USER_NO_REASON,
     SERVICE_BY_COMMAND,
     Accept,
+    Allow,
     IPAddress,
     Policy,
     PresentedIdentity,
@@ -54,8 +58,8 @@ from dicomfw.core.policy import (
     Reject,
     Route,
 )
-from dicomfw.core.ratelimit import Delay, Gate
-from dicomfw.core.stream import Buffer, DataStream
+from dicomfw.core.ratelimit import AssociationQuery, Delay, Gate, LimitQuery, RequestQuery
+from dicomfw.core.stream import FORWARD, HOLD, SWALLOW, Buffer, DataStream
 from dicomfw.errors import LocalProtocolError, RemoteProtocolError
 
 _PENDING_STATUSES: Final = frozenset((0xFF00, 0xFF01))
@@ -63,6 +67,9 @@ _PENDING_STATUSES: Final = frozenset((0xFF00, 0xFF01))
 _MAX_EARLY_BYTES: Final = 65_536
 #: Round trips a session keeps before it hands its ``RequestTally`` out by itself.
 TALLY_ROUND_TRIPS: Final = 256
+#: Distinct C-MOVE destinations an association reports (in monitor mode they are the
+#: requester's words, not the rules').
+MAX_MOVE_DESTINATIONS: Final = 16
 #: What a requester may send while it is not read (a request is delayed, or its answers wait):
 #: the relay stops reading from it meanwhile, so this only bounds what one read can bring.
 _MAX_DEFERRED_BYTES: Final = 8 * 1_048_576
@@ -87,6 +94,7 @@ class Side(enum.Enum):
 
 class State(enum.Enum):
     AWAIT_RQ = "await_rq"
+    AWAIT_LIMITS = "await_limits"  # a shared limit store decides (``CheckLimits``)
     AWAIT_UPSTREAM = "await_upstream"
     AWAIT_AC = "await_ac"
     ESTABLISHED = "established"
@@ -129,11 +137,21 @@ class ResumeReading:
 
 @dataclass(frozen=True, slots=True)
 class Wakeup:
-    """A request is over its rate (``request_limit_action: delay``): forward nothing more to
-    the upstream, and stop reading from the requester, until ``Session.wakeup`` after
-    ``delay`` seconds. Only this association waits."""
+    """A request is over its rate (``request_limit_action: delay``): it is held, and nothing
+    after it read, until ``Session.wakeup`` after ``delay`` seconds. Only this association
+    waits."""
 
     delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class CheckLimits:
+    """Ask the shared limit store (``Limiter(shared=True)``) and give its answer to
+    ``Session.limits_answered``: a ``Reject`` or None for an ``AssociationQuery``; a
+    ``Refuse``, a ``Delay`` or None for a ``RequestQuery``. Meanwhile the association (or
+    the request, and what follows it) waits."""
+
+    query: LimitQuery
 
 
 # ---- events: what happened, for logs, audit and metrics ----------------------------------------
@@ -153,13 +171,16 @@ class AssociationRejected:
 
 @dataclass(frozen=True, slots=True)
 class AssociationAccepted:
-    """The upstream accepted; ``refused_contexts`` are (context ID, SOP class UID, why)."""
+    """The upstream accepted; ``refused_contexts`` are (context ID, SOP class UID, why) of those
+    the firewall refused, ``contexts`` (SOP class UID, transfer syntax UID) of those accepted
+    (what learning rules from an audit trail needs)."""
 
     route: str
     calling_ae: str
     called_ae: str
     accepted_contexts: int
     refused_contexts: tuple[tuple[int, str, str], ...]
+    contexts: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +195,24 @@ class RequestRefused:
     why: str
     detail: str
     message_id: int | None
+    count: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WouldRefuse:
+    """What enforce mode would have refused, in monitor mode, where it goes on as if allowed.
+
+    ``stage``: association, context, request or limit; ``why`` and ``detail`` as enforce mode
+    would report them; ``answer`` what it would have sent (``A-ASSOCIATE-RJ 1/1/3``, a context
+    result, a DIMSE status). Reported like refusals: ten of a kind one by one, then counted.
+    """
+
+    stage: str
+    why: str
+    detail: str
+    answer: str
+    service: str = ""
+    sop_class: str = ""
     count: int = 1
 
 
@@ -218,19 +257,24 @@ class RequestTally:
     Observers only read it.
     """
 
-    __slots__ = ("counts", "round_trips")
+    __slots__ = ("counts", "move_destinations", "round_trips")
 
     def __init__(self) -> None:
         self.counts: dict[tuple[str, str], OperationCounts] = {}  # (service, SOP class UID)
         #: (service, seconds from forwarding the request to its final response); empty when
         #: the session has no clock
         self.round_trips: list[tuple[str, float]] = []
+        #: C-MOVE destinations of the forwarded requests (new ones of the association, bounded)
+        self.move_destinations: set[str] = set()
 
     def __bool__(self) -> bool:
         return bool(self.counts)
 
     def __repr__(self) -> str:
-        return f"RequestTally(counts={self.counts!r}, round_trips={self.round_trips!r})"
+        return (
+            f"RequestTally(counts={self.counts!r}, round_trips={self.round_trips!r}, "
+            f"move_destinations={self.move_destinations!r})"
+        )
 
     def of(self, service: str, sop_class: str) -> OperationCounts:
         counts = self.counts.get((service, sop_class))
@@ -241,7 +285,9 @@ class RequestTally:
 
 @dataclass(frozen=True, slots=True)
 class AssociationEnded:
-    """``how`` is 'released', 'aborted' or 'closed'; ``why`` is stable, ``detail`` human."""
+    """``how`` is 'released', 'aborted', 'closed' (during set-up, nothing to abort) or 'probe'
+    (connected and closed without sending a byte: a health check); ``why`` is stable,
+    ``detail`` human."""
 
     how: str
     why: str
@@ -252,15 +298,57 @@ Event = (
     AssociationRejected
     | AssociationAccepted
     | RequestRefused
+    | WouldRefuse
     | RequestFailed
     | RequestTally
     | AssociationEnded
 )
-Command = Send | ConnectUpstream | Close | Wakeup | PauseReading | ResumeReading | Event
+Command = (
+    Send | ConnectUpstream | Close | Wakeup | CheckLimits | PauseReading | ResumeReading | Event
+)
 
 
 def _zero() -> float:
     return 0.0
+
+
+def _peer_name(decision: Accept | Reject) -> str | None:
+    """The AE title the limits count an accepted association under ("" for a calling AE no
+    peer has, let through in monitor mode); None when the policy rejected it."""
+    if isinstance(decision, Reject):
+        return None
+    return decision.peer.ae_title if decision.peer is not None else ""
+
+
+def _would_refuse_request(stage: str, refusal: Refuse, hold: _Hold) -> WouldRefuse:
+    service = SERVICE_BY_COMMAND.get(hold.command.command_field, "unknown")
+    answer = f"0x{refusal.status:04X}" if refusal.status else "delayed"
+    return WouldRefuse(stage, refusal.why, refusal.detail, answer, service, hold.sop_class)
+
+
+class _Hold:
+    """A message one side's stream holds (``HOLD``) until every answer it waits for has come:
+    a request rate's delay, the shared limit store's answer. At most one per side: the
+    messages of a direction follow each other."""
+
+    __slots__ = ("command", "context_id", "delayed", "ended", "held", "sop_class", "waiting")
+
+    def __init__(self, context_id: int, command: DimseCommand, sop_class: str) -> None:
+        self.context_id = context_id
+        self.command = command
+        self.sop_class = sop_class
+        self.delayed = False  # a ``Wakeup`` is due
+        self.waiting = False  # the shared limit store's answer is due
+        self.held = 0  # data-set bytes held
+        self.ended = False  # the whole message has been read
+
+    @property
+    def ready(self) -> bool:
+        return not (self.delayed or self.waiting)
+
+
+#: What a message held for an answer may buffer before its side is no longer read.
+MAX_HELD_BYTES: Final = 1_048_576
 
 
 class _CutOff(Exception):
@@ -301,6 +389,7 @@ class Session:
         self._max_pdu = max_pdu_length
         self._setup = pdu.PduBuffer(max_pdu_length)
         self._early = bytearray()  # requester bytes that arrived before the association was up
+        self._spoke = False  # the requester sent a byte
         self._rq: acse.AssociateRQ | None = None
         self._upstream_rq = b""
         self._narrowed: dict[int, tuple[str, ...]] = {}  # transfer syntaxes proposed upstream
@@ -311,22 +400,29 @@ class Session:
         self._to_upstream: DataStream | None = None
         self._outstanding: dict[int, tuple[str, str, float]] = {}  # (service, SOP, sent at)
         self._tally = RequestTally()
+        self._destinations: set[str] = set()  # C-MOVE destinations reported so far
         self._released = False
         self._replies: list[Buffer] = []  # firewall-made PDUs for the requester, in order
         self._events: list[Command] = []  # events raised while a stream is being fed
         self._gate = gate
         self._clock: Callable[[], float] = clock or _zero
         self._timed = clock is not None  # round trips are measured
-        self._delay = 0.0  # the longest wait a request asked for while a stream was fed
-        self._held: list[Buffer] | None = None  # for the upstream, until ``wakeup``
+        self._holds: dict[Side, _Hold] = {}  # the message each side's stream holds
+        self._pending_rq: tuple[Accept | Reject, bytes] | None = None  # during AWAIT_LIMITS
         self._backlog = False  # too many of our answers wait: the requester is not read
-        self._told_reading = True  # what the relay was last told about reading the requester
-        self._deferred = bytearray()  # from the requester while it is not read
+        #: A side's message is held until an answer comes from outside (``settle``): nothing
+        #: more of that side is read meanwhile.
+        self._settling: set[Side] = set()
+        #: What the relay was last told about reading each side (see ``_flow``).
+        self._told_reading = {Side.REQUESTER: True, Side.UPSTREAM: True}
+        #: What a side sent while it was not read.
+        self._deferred = {Side.REQUESTER: bytearray(), Side.UPSTREAM: bytearray()}
         self._max_refusals = max_refusals
         self._refusals = 0
-        self._refusals_by_why: dict[str, int] = {}
-        #: refusals not reported one by one: (why, service, SOP class, status) -> how many
-        self._unreported: dict[tuple[str, str, str, int], int] = {}
+        self._reported_by_why: dict[tuple[bool, str], int] = {}  # (monitored, why) -> reported
+        #: refusals not reported one by one, as their event with neither detail nor message ID
+        #: -> how many
+        self._unreported: dict[RequestRefused | WouldRefuse, int] = {}
         self._reported_at = self._clock()
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -334,12 +430,11 @@ class Session:
     def receive(self, side: Side, data: bytes) -> list[Command]:
         """Bytes arrived from ``side``."""
         if self.state is State.ESTABLISHED:
-            if side is Side.REQUESTER and not self._reading_requester():
-                self._deferred += data
-                if len(self._deferred) > _MAX_DEFERRED_BYTES:
-                    return self._fail(
-                        side, RemoteProtocolError("too much data while the requester is paused")
-                    )
+            if not self._reading(side):
+                deferred = self._deferred[side]
+                deferred += data
+                if len(deferred) > _MAX_DEFERRED_BYTES:
+                    return self._fail(side, RemoteProtocolError("too much data while paused"))
                 return []
             return self._feed(side, data)
         try:
@@ -347,7 +442,11 @@ class Session:
                 return self._await_rq(data)
             if self.state is State.AWAIT_AC and side is Side.UPSTREAM:
                 return self._await_ac(data)
-            if side is Side.REQUESTER and self.state in (State.AWAIT_UPSTREAM, State.AWAIT_AC):
+            if side is Side.REQUESTER and self.state in (
+                State.AWAIT_LIMITS,
+                State.AWAIT_UPSTREAM,
+                State.AWAIT_AC,
+            ):
                 self._early += data
                 if len(self._early) > _MAX_EARLY_BYTES:
                     raise RemoteProtocolError("requester sent data before the A-ASSOCIATE-AC", 2)
@@ -367,18 +466,11 @@ class Session:
         if self._unreported and (
             final or self._clock() - self._reported_at >= REFUSAL_REPORT_SECONDS
         ):
-            for (why, service, sop_class, status), count in self._unreported.items():
-                report.append(
-                    RequestRefused(
-                        service,
-                        sop_class,
-                        status,
-                        why,
-                        f"{count} more requests refused for the same reason",
-                        None,
-                        count,
-                    )
-                )
+            for event, count in self._unreported.items():
+                detail = f"{count} more requests refused for the same reason"
+                if isinstance(event, WouldRefuse):
+                    detail = f"{count} more would have been refused for the same reason"
+                report.append(replace(event, detail=detail, count=count))
             self._unreported = {}
             self._reported_at = self._clock()
         return report
@@ -386,15 +478,39 @@ class Session:
     @property
     def holding(self) -> bool:
         """A delayed request waits for ``wakeup`` (waiting for it is not idleness)."""
-        return self._held is not None
+        hold = self._holds.get(Side.REQUESTER)
+        return hold is not None and hold.delayed
 
     def wakeup(self) -> list[Command]:
         """The ``Wakeup`` delay has passed: forward the held request, then what the requester
         sent meanwhile (which may hold again)."""
-        held, self._held = self._held, None
-        if held is None or self.state is not State.ESTABLISHED:
+        hold = self._holds.get(Side.REQUESTER)
+        if hold is None or not hold.delayed or self.state is not State.ESTABLISHED:
             return []
-        return [Send(Side.UPSTREAM, held), *self._flow()]
+        hold.delayed = False
+        return self._answered(Side.REQUESTER, hold)
+
+    def limits_answered(self, answer: Reject | Refuse | Delay | None) -> list[Command]:
+        """The shared limit store's answer to the last ``CheckLimits``."""
+        if self.state is State.AWAIT_LIMITS:
+            assert self._pending_rq is not None and self._rq is not None
+            (decision, rest), self._pending_rq = self._pending_rq, None
+            over = answer if isinstance(answer, Reject) else None
+            return self._admit(self._rq, decision, over, rest)
+        hold = self._holds.get(Side.REQUESTER)
+        if self.state is not State.ESTABLISHED or hold is None or not hold.waiting:
+            return []  # the association ended meanwhile
+        hold.waiting = False
+        assert self.route is not None
+        monitor = self.route.mode == MONITOR
+        if isinstance(answer, Refuse) and monitor:
+            self._report(_would_refuse_request("limit", answer, hold))
+        elif isinstance(answer, Refuse):
+            return self._refuse_held(hold, answer)
+        elif isinstance(answer, Delay) and answer.seconds and not monitor:
+            hold.delayed = True
+            return [Wakeup(answer.seconds)]
+        return self._answered(Side.REQUESTER, hold)
 
     def upstream_connected(self) -> list[Command]:
         if self.state is not State.AWAIT_UPSTREAM:
@@ -403,12 +519,16 @@ class Session:
         self._setup = pdu.PduBuffer(self._max_pdu)
         return [Send(Side.UPSTREAM, [self._upstream_rq])]
 
-    def upstream_failed(self, detail: str) -> list[Command]:
-        """The upstream could not be reached: a transient refusal the modality will retry."""
+    def upstream_failed(self, detail: str, why: str = "upstream_unreachable") -> list[Command]:
+        """The upstream could not be reached: a transient refusal the modality will retry.
+
+        ``why`` says how, from the relay's fixed set: upstream_unreachable (down, refusing,
+        silent), upstream_certificate_invalid (its certificate did not verify),
+        upstream_tls_failed (the TLS handshake failed otherwise, e.g. it refused ours). The
+        requester's A-ASSOCIATE-RJ is the same for all: it can only retry later."""
         if self.state is not State.AWAIT_UPSTREAM:
             return []
-        reject = Reject(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, 1, "upstream_unreachable", detail)
-        return self._reject(reject)
+        return self._reject(Reject(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, 1, why, detail))
 
     def connection_lost(self, side: Side) -> list[Command]:
         """``side`` closed its connection (or it broke)."""
@@ -416,15 +536,20 @@ class Session:
             return []
         previous = self.state
         self.state = State.CLOSED
-        if previous in (State.AWAIT_RQ, State.AWAIT_UPSTREAM) or (
+        if previous in (State.AWAIT_RQ, State.AWAIT_LIMITS, State.AWAIT_UPSTREAM) or (
             side is Side.UPSTREAM and (previous is State.AWAIT_AC)
         ):
             commands: list[Command] = [Close(Side.REQUESTER)]
-            if previous is State.AWAIT_AC:
+            how = "closed"
+            if previous is State.AWAIT_AC:  # the requester is told: its association is gone
                 commands.insert(0, Send(Side.REQUESTER, [pdu.abort()]))
-            if previous is not State.AWAIT_RQ:
+                how = "aborted"
+            if previous not in (State.AWAIT_RQ, State.AWAIT_LIMITS):
                 commands.append(Close(Side.UPSTREAM))
-            return [*commands, AssociationEnded("closed", f"{side.value}_closed_during_setup")]
+            if previous is State.AWAIT_RQ and not self._spoke:
+                # connect and close, not a byte sent: a balancer's or a monitor's health check
+                return [*commands, AssociationEnded("probe", "closed_without_a_byte")]
+            return [*commands, AssociationEnded(how, f"{side.value}_closed_during_setup")]
         if self._released:
             return [Close(side.other), AssociationEnded("released", "released")]
         return [
@@ -451,6 +576,7 @@ class Session:
     # ---- association set-up --------------------------------------------------------------------
 
     def _await_rq(self, data: bytes) -> list[Command]:
+        self._spoke = self._spoke or bool(data)
         pdus = self._setup.feed(data)
         if not pdus:
             return []
@@ -462,44 +588,91 @@ class Session:
         rq = acse.decode_rq(raw)
         self._rq = rq
         self.calling_ae, self.called_ae = rq.calling_ae, rq.called_ae
-        # The address's association rate comes first, so it also slows down AE title guessing.
-        over = self._gate.source(self._clock()) if self._gate is not None else None
-        if over is not None:
-            return self._reject(over)
         decision = self.policy.decide_association(
             self.listener, self.address, rq.calling_ae, rq.called_ae, self.identity
         )
+        rest = self._rest_after(pdus)
+        gate = self._gate
+        monitor = isinstance(decision, Accept) and decision.route.mode == MONITOR
+        peer = _peer_name(decision)
+        if gate is not None and gate.shared:
+            source = gate.source_key
+            assert source is not None
+            self._pending_rq = (decision, rest)
+            self.state = State.AWAIT_LIMITS
+            return [CheckLimits(AssociationQuery(self.listener, source, peer, not monitor))]
+        # The address's association rate comes first (in enforce mode the answer), so it also
+        # slows down AE title guessing.
+        over = gate.source(self._clock()) if gate is not None else None
+        if over is None and gate is not None and peer is not None:
+            over = gate.admit(peer, self._clock(), enforce=not monitor)
+        return self._admit(rq, decision, over, rest)
+
+    def _admit(
+        self, rq: acse.AssociateRQ, decision: Accept | Reject, over: Reject | None, rest: bytes
+    ) -> list[Command]:
+        """The policy's and the limits' answers to an A-ASSOCIATE-RQ: reject, or go upstream
+        (in monitor mode with what enforce mode would have rejected it for)."""
+        monitor = isinstance(decision, Accept) and decision.route.mode == MONITOR
+        if over is not None and not monitor:
+            return self._reject(over)
         if isinstance(decision, Reject):
             return self._reject(decision)
-        if self._gate is not None:
-            over = self._gate.admit(decision.peer.ae_title, self._clock())
-            if over is not None:
-                return self._reject(over)
-        return self._propose_upstream(rq, decision, self._rest_after(pdus))
+        gate = self._gate
+        peer = _peer_name(decision)
+        if gate is not None and gate.shared and peer is not None:
+            # the store admitted it: count it here too, for when the store cannot answer
+            gate.admit(peer, self._clock(), enforce=False)
+        objections = [("association", reject) for reject in decision.objections]
+        if over is not None:
+            objections.append(("limit", over))
+        for stage, reject in objections:
+            answer = f"A-ASSOCIATE-RJ {reject.result}/{reject.source}/{reject.reason}"
+            self._report(WouldRefuse(stage, reject.why, reject.detail, answer))
+        return self._propose_upstream(rq, decision, rest)
 
     def _propose_upstream(self, rq: acse.AssociateRQ, accept: Accept, rest: bytes) -> list[Command]:
         route = accept.route
         self.route = route
         kept: list[acse.ProposedContext] = []
+        allowed = 0  # contexts enforce mode would keep
         for context in rq.contexts:
             self._abstract_syntax[context.context_id] = context.abstract_syntax
             verdict = self.policy.filter_context(
                 route, context.context_id, context.abstract_syntax, context.transfer_syntaxes
             )
             if verdict.result == PC_ACCEPTANCE:
+                allowed += 1
                 kept.append(acse.narrow(context, verdict.transfer_syntaxes))
                 self._narrowed[context.context_id] = verdict.transfer_syntaxes
+            elif route.mode == MONITOR:  # proposed as the requester proposed it
+                kept.append(context)
+                self._narrowed[context.context_id] = context.transfer_syntaxes
+                self._report(
+                    WouldRefuse(
+                        "context",
+                        verdict.why,
+                        f"presentation context {context.context_id}",
+                        f"presentation context result {verdict.result}",
+                        sop_class=context.abstract_syntax,
+                    )
+                )
             else:
                 self._refused_contexts[context.context_id] = verdict.result
                 self._refused_why[context.context_id] = verdict.why
-        if not kept:
-            return self._reject(
-                Reject(
-                    RJ_PERMANENT,
-                    RJ_SOURCE_USER,
-                    RJ_USER_NO_REASON,
-                    "no_context_allowed",
-                    "no proposed presentation context is allowed on route " + repr(route.name),
+        if not allowed:
+            no_context = Reject(
+                RJ_PERMANENT,
+                RJ_SOURCE_USER,
+                RJ_USER_NO_REASON,
+                "no_context_allowed",
+                "no proposed presentation context is allowed on route " + repr(route.name),
+            )
+            if not kept:
+                return self._reject(no_context)
+            self._report(
+                WouldRefuse(
+                    "association", no_context.why, no_context.detail, "A-ASSOCIATE-RJ 1/1/1"
                 )
             )
         upstream_rq = replace(
@@ -510,7 +683,8 @@ class Session:
         self._upstream_rq = acse.encode_rq(upstream_rq, tuple(kept), self._max_pdu)
         self._early += rest
         self.state = State.AWAIT_UPSTREAM
-        return [ConnectUpstream(route.upstream)]
+        events, self._events = self._events, []
+        return [*events, ConnectUpstream(route.upstream)]
 
     def _await_ac(self, data: bytes) -> list[Command]:
         pdus = self._setup.feed(data)
@@ -568,7 +742,9 @@ class Session:
                     pdu.ABORT_INVALID_PARAMETER,
                 )
         accepted = frozenset(c.context_id for c in ac.contexts if c.result == PC_ACCEPTANCE)
-        self._to_upstream = DataStream(accepted, self._max_pdu, self._decide_request)
+        self._to_upstream = DataStream(
+            accepted, self._max_pdu, self._decide_request, self._inspect_request
+        )
         self._to_requester = DataStream(accepted, self._max_pdu, self._observe_upstream)
         self.state = State.ESTABLISHED
         ac_for_requester = acse.encode_ac_for_requester(
@@ -584,6 +760,11 @@ class Session:
                 tuple(
                     (cid, self._abstract_syntax[cid], self._refused_why[cid])
                     for cid in sorted(self._refused_contexts)
+                ),
+                tuple(
+                    (self._abstract_syntax[c.context_id], c.transfer_syntax)
+                    for c in ac.contexts
+                    if c.result == PC_ACCEPTANCE
                 ),
             ),
         ]
@@ -631,19 +812,22 @@ class Session:
         except RemoteProtocolError as error:
             return self._fail(side, error)
         except _CutOff as cut:
-            events, self._events = self._events, []
-            return [
-                *events,
-                *self._abort(
-                    Side.REQUESTER, pdu.ABORT_REASON_NOT_SPECIFIED, "too_many_refusals", str(cut)
-                ),
-            ]
+            return self._end_feed(
+                Side.REQUESTER, pdu.ABORT_REASON_NOT_SPECIFIED, "too_many_refusals", str(cut)
+            )
 
     def _fail(self, side: Side, error: RemoteProtocolError) -> list[Command]:
-        """``side`` broke the protocol: A-ABORT both sides, after the events already raised."""
+        """``side`` broke the protocol: A-ABORT both sides."""
+        return self._end_feed(side, error.abort_reason, f"{side.value}_protocol_error", str(error))
+
+    def _end_feed(self, culprit: Side, reason: int, why: str, detail: str) -> list[Command]:
+        """A-ABORT both sides in the middle of a read, after what the read already produced for
+        the requester and the observers: the refusals answered and reported before the end
+        are the same however the requester's bytes were split into reads."""
         events, self._events = self._events, []
-        why = f"{side.value}_protocol_error"
-        return [*events, *self._abort(side, error.abort_reason, why, str(error))]
+        replies = self._replies
+        answered: list[Command] = [Send(Side.REQUESTER, replies)] if replies else []
+        return [*answered, *events, *self._abort(culprit, reason, why, detail)]
 
     def _data_phase(self, side: Side, data: bytes) -> list[Command]:
         stream = self._to_upstream if side is Side.REQUESTER else self._to_requester
@@ -651,16 +835,13 @@ class Session:
         self._events = []
         forwarded = stream.feed(data)
         unread = stream.take_unread()
-        if unread:  # our answers to it pile up (``_decide_request``): the rest waits
-            self._deferred[:0] = unread
-        delay, self._delay = self._delay, 0.0
+        if unread:  # the stream halted (our answers pile up, a message is held): the rest waits
+            self._deferred[side][:0] = unread
+        if stream.waiting:  # a held message has ended: nothing more until its answer
+            self._settling.add(side)
         commands: list[Command] = []
         if forwarded:
-            if delay and not stream.control_pdus:  # a release or abort is not held up
-                self._held = forwarded
-                commands.append(Wakeup(delay))
-            else:
-                commands.append(Send(side.other, forwarded))
+            commands.append(Send(side.other, forwarded))
         if self._replies:
             commands.append(Send(Side.REQUESTER, self._replies))
             self._replies = []
@@ -680,22 +861,25 @@ class Session:
             self._backlog = False
         return commands + self._flow()
 
-    def _reading_requester(self) -> bool:
-        return self._held is None and not self._backlog
+    def _reading(self, side: Side) -> bool:
+        if side is Side.REQUESTER and self._backlog:
+            return False
+        return side not in self._settling
 
     def _flow(self) -> list[Command]:
-        """Once the requester may be read again, what it sent meanwhile comes first; then the
-        relay is told whether to read it, when that changed since it was last told."""
+        """Once a side may be read again, what it sent meanwhile comes first; then the relay is
+        told whether to read each side, where that changed since it was last told."""
         commands: list[Command] = []
-        if self._deferred and self._reading_requester():
-            deferred, self._deferred = bytes(self._deferred), bytearray()
-            commands += self._feed(Side.REQUESTER, deferred)
-        reading = self._reading_requester()
-        if self.state is State.ESTABLISHED and reading is not self._told_reading:
-            self._told_reading = reading
-            commands.append(
-                ResumeReading(Side.REQUESTER) if reading else PauseReading(Side.REQUESTER)
-            )
+        for side in (Side.REQUESTER, Side.UPSTREAM):
+            deferred = self._deferred[side]
+            if deferred and self._reading(side) and self.state is State.ESTABLISHED:
+                self._deferred[side] = bytearray()
+                commands += self._feed(side, bytes(deferred))
+        for side in (Side.REQUESTER, Side.UPSTREAM):
+            reading = self._reading(side)
+            if self.state is State.ESTABLISHED and reading is not self._told_reading[side]:
+                self._told_reading[side] = reading
+                commands.append(ResumeReading(side) if reading else PauseReading(side))
         return commands
 
     def _control(self, side: Side, pdu_types: list[int]) -> list[Command]:
@@ -714,76 +898,173 @@ class Session:
                 self._released = True
         return commands
 
-    def _decide_request(self, context_id: int, command: DimseCommand) -> bool:
+    def _decide_request(self, context_id: int, command: DimseCommand) -> int:
         """A command from the requester: a request policy must allow, or a reply passing."""
         if command.is_response or command.command_field == C_CANCEL_RQ:
-            return True
-        assert self.route is not None
+            return FORWARD
+        route = self.route
+        assert route is not None
+        monitor = route.mode == MONITOR
         service = SERVICE_BY_COMMAND.get(command.command_field)
         sop_class = command.sop_class or self._abstract_syntax.get(context_id, "")
+        stage = "request"
         if service is None:
-            decision: Refuse | None = Refuse(
+            refusal: Refuse | None = Refuse(
                 0x0211, "unrecognized_operation", f"command 0x{command.command_field:04x}"
             )
         else:
             verdict = self.policy.decide_request(
-                self.route, service, sop_class, command.move_destination
+                route, service, sop_class, command.move_destination
             )
-            decision = verdict if isinstance(verdict, Refuse) else None
-            if decision is None and self._gate is not None:
-                metered = self._gate.request(service, self._clock())
-                if isinstance(metered, Delay):
-                    self._delay = max(self._delay, metered.seconds)
-                else:
-                    decision = metered
-        if decision is None:
-            if command.message_id is not None and service is not None:
-                self._outstanding[command.message_id] = (service, sop_class, self._clock())
-                self._tally.of(service, sop_class).forwarded += 1
-            return True
+            refusal = None if isinstance(verdict, Allow) else verdict
+        hold: _Hold | None = None
+        gate = self._gate
+        if refusal is None and service is not None and gate is not None:
+            metered = gate.request(service, self._clock())
+            if isinstance(metered, Refuse):
+                refusal, stage = metered, "limit"
+            elif isinstance(metered, Delay) and monitor:
+                delayed = Refuse(0, "request_rate_exceeded", f"would wait {metered.seconds:.1f} s")
+                self._report(WouldRefuse("limit", delayed.why, delayed.detail, "delayed", service))
+            elif isinstance(metered, Delay):
+                hold = _Hold(context_id, command, sop_class)
+                hold.delayed = True
+                self._events.append(Wakeup(metered.seconds))
+            if refusal is None and gate.shared_request_rate(service):
+                hold = hold or _Hold(context_id, command, sop_class)
+                hold.waiting = True
+                query = RequestQuery(self.listener, gate.peer or "", service, not monitor)
+                self._events.append(CheckLimits(query))
+        if refusal is not None and monitor:
+            stand_in = _Hold(context_id, command, sop_class)
+            self._report(_would_refuse_request(stage, refusal, stand_in))
+            refusal = None
+        if refusal is not None:
+            self._refuse_request(context_id, command, sop_class, refusal)
+            if self._to_requester is not None and (
+                self._to_requester.queued_bytes > MAX_QUEUED_REPLY_BYTES
+            ):
+                assert self._to_upstream is not None
+                self._to_upstream.halt()  # read no more of the requester until they have gone
+            return SWALLOW
+        if hold is not None:
+            self._holds[Side.REQUESTER] = hold
+            return HOLD
+        self._forwarded(context_id, command, sop_class)
+        return FORWARD
+
+    def _forwarded(self, context_id: int, command: DimseCommand, sop_class: str) -> None:
+        """A request of the requester goes to the upstream: count it, time its answer."""
+        service = SERVICE_BY_COMMAND.get(command.command_field)
+        if command.message_id is not None and service is not None:
+            self._outstanding[command.message_id] = (service, sop_class, self._clock())
+            self._tally.of(service, sop_class).forwarded += 1
+        destination = command.move_destination
+        if (
+            service == "C-MOVE"
+            and destination
+            and destination not in self._destinations
+            and len(self._destinations) < MAX_MOVE_DESTINATIONS
+        ):
+            self._destinations.add(destination)
+            self._tally.move_destinations.add(destination)
+
+    def _refuse_request(
+        self, context_id: int, command: DimseCommand, sop_class: str, refusal: Refuse
+    ) -> None:
+        """Answer a request of the requester ourselves, with ``refusal``'s status; past
+        ``max_refusals`` cut the requester off instead (``_CutOff``)."""
         self._refusals += 1
         if self._max_refusals and self._refusals > self._max_refusals:
             raise _CutOff(f"more than {self._max_refusals} requests refused on one association")
         assert self._to_requester is not None
         # The Error Comment tells the modality's operator it was the firewall, without
         # revealing rule names to whoever is on the other end.
-        response = encode_response(command, decision.status, f"dicomfw: {decision.why}")
+        response = encode_response(command, refusal.status, f"dicomfw: {refusal.why}")
         self._replies += self._to_requester.inject(
             pdu.p_data_tf([pdu.pdv(context_id, 0x03, response)])
         )
-        if self._to_requester.queued_bytes > MAX_QUEUED_REPLY_BYTES:
-            assert self._to_upstream is not None
-            self._to_upstream.halt()  # read no more of the requester until they have gone out
-        self._refused(service or "unknown", sop_class, decision, command.message_id)
-        return False
-
-    def _refused(
-        self, service: str, sop_class: str, decision: Refuse, message_id: int | None
-    ) -> None:
-        """Report a refusal, or past ``REFUSALS_REPORTED_ONE_BY_ONE`` of its kind count it for
-        ``take_report``, keyed by what the rules and the negotiation bound (a SOP class the
-        association did not negotiate counts as "")."""
-        seen = self._refusals_by_why.get(decision.why, 0) + 1
-        self._refusals_by_why[decision.why] = seen
-        if seen <= REFUSALS_REPORTED_ONE_BY_ONE:
-            self._events.append(
-                RequestRefused(
-                    service, sop_class, decision.status, decision.why, decision.detail, message_id
-                )
+        self._report(
+            RequestRefused(
+                SERVICE_BY_COMMAND.get(command.command_field, "unknown"),
+                sop_class,
+                refusal.status,
+                refusal.why,
+                refusal.detail,
+                command.message_id,
             )
+        )
+
+    def _inspect_request(self, fragment: memoryview, last: bool) -> int:
+        """A data-set fragment of a request the requester's stream holds. Past
+        ``MAX_HELD_BYTES`` the requester is no longer read until the answers have come."""
+        hold = self._holds.get(Side.REQUESTER)
+        if hold is None:
+            return FORWARD
+        hold.held += len(fragment)
+        hold.ended = last
+        if hold.held > MAX_HELD_BYTES and not last:
+            assert self._to_upstream is not None
+            self._to_upstream.halt()
+            self._settling.add(Side.REQUESTER)
+        return HOLD
+
+    def _answered(self, side: Side, hold: _Hold) -> list[Command]:
+        """An answer a held message waited for came: once all have, it goes on its way."""
+        if not hold.ready:
+            return []
+        assert self._to_upstream is not None
+        out = self._to_upstream.settle(True)
+        del self._holds[side]
+        self._settling.discard(side)
+        self._forwarded(hold.context_id, hold.command, hold.sop_class)
+        commands: list[Command] = [Send(Side.UPSTREAM, out)] if out else []
+        return commands + self._flow()
+
+    def _refuse_held(self, hold: _Hold, refusal: Refuse) -> list[Command]:
+        """The shared store refused a held request: cut it out and answer it ourselves."""
+        assert self._to_upstream is not None
+        out = self._to_upstream.settle(False)
+        del self._holds[Side.REQUESTER]
+        self._settling.discard(Side.REQUESTER)
+        self._events = []
+        commands: list[Command] = [Send(Side.UPSTREAM, out)] if out else []
+        try:
+            self._refuse_request(hold.context_id, hold.command, hold.sop_class, refusal)
+        except _CutOff as cut:
+            reason = pdu.ABORT_REASON_NOT_SPECIFIED
+            return commands + self._end_feed(Side.REQUESTER, reason, "too_many_refusals", str(cut))
+        replies, self._replies = self._replies, []
+        if replies:
+            commands.append(Send(Side.REQUESTER, replies))
+        events, self._events = self._events, []
+        return commands + events + self._flow()
+
+    def _report(self, event: RequestRefused | WouldRefuse) -> None:
+        """Report a refusal (or what monitor mode let pass), or past
+        ``REFUSALS_REPORTED_ONE_BY_ONE`` of its kind count it for ``take_report``, keyed by
+        what the rules and the negotiation bound: no detail or message ID, and a SOP class the
+        association did not negotiate counts as ""."""
+        kind = (isinstance(event, WouldRefuse), event.why)
+        seen = self._reported_by_why.get(kind, 0) + 1
+        self._reported_by_why[kind] = seen
+        if seen <= REFUSALS_REPORTED_ONE_BY_ONE:
+            self._events.append(event)
             return
-        if sop_class not in self._abstract_syntax.values():
-            sop_class = ""
-        key = (decision.why, service, sop_class, decision.status)
+        sop_class = event.sop_class if event.sop_class in self._abstract_syntax.values() else ""
+        if isinstance(event, WouldRefuse):
+            key: RequestRefused | WouldRefuse = replace(event, detail="", sop_class=sop_class)
+        else:
+            key = replace(event, detail="", sop_class=sop_class, message_id=None)
         self._unreported[key] = self._unreported.get(key, 0) + 1
 
-    def _observe_upstream(self, context_id: int, command: DimseCommand) -> bool:
+    def _observe_upstream(self, context_id: int, command: DimseCommand) -> int:
         """A command from the upstream always passes; final responses complete a request."""
         if command.is_response and command.status not in _PENDING_STATUSES:
             done = self._outstanding.pop(command.message_id or 0, None)
             if done is not None:
                 self._completed(done, command.status or 0, command.message_id)
-        return True
+        return FORWARD
 
     def _completed(
         self, request: tuple[str, str, float], status: int, message_id: int | None
@@ -814,7 +1095,8 @@ class Session:
         """A-ABORT every side that is connected; ``culprit`` (if any) gets the PS3.8 reason."""
         previous = self.state
         self.state = State.CLOSED
-        self._replies, self._held, self._deferred = [], None, bytearray()
+        self._replies, self._holds = [], {}
+        self._deferred = {Side.REQUESTER: bytearray(), Side.UPSTREAM: bytearray()}
         commands: list[Command] = []
         for side in (Side.REQUESTER, Side.UPSTREAM):
             if side is Side.UPSTREAM and previous is State.AWAIT_UPSTREAM:

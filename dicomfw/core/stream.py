@@ -46,14 +46,30 @@ _COMMAND: Final = 0x01
 _LAST: Final = 0x02
 
 Buffer = bytes | memoryview
-#: Called with each complete command; returns True to forward the message, False to swallow it.
-Decide = Callable[[int, DimseCommand], bool]
+
+# What becomes of a message: the answer of ``Decide`` and ``Inspect``.
+#: Forward the message (``Inspect``: forward what is held, go on inspecting what follows).
+FORWARD: Final = 0
+#: Cut the message out, data set included (the firewall answers for it).
+SWALLOW: Final = 1
+#: Hold the message, and show each of its data-set fragments to ``Inspect`` until it answers
+#: otherwise (or ``settle`` decides). Once the message has ended (its command, when it has no
+#: data set), the stream reads no further until ``settle``.
+HOLD: Final = 2
+
+#: Called with each complete command: FORWARD, SWALLOW, or HOLD (for a message with a data set).
+Decide = Callable[[int, DimseCommand], int]
+#: Called with each data-set fragment of a message ``Decide`` held, and whether it is the last:
+#: FORWARD, SWALLOW while the message is still held, HOLD to keep holding it. To stop a message
+#: already forwarded, raise: the association cannot go on.
+Inspect = Callable[[memoryview, bool], int]
 
 
 class _Message(Enum):
     IDLE = "idle"  # between messages
     COMMAND = "command"  # command fragments arriving
     DATA_SET = "data_set"  # data set fragments arriving
+    INSPECTED = "inspected"  # data set fragments arriving, each shown to ``Inspect``
 
 
 class DataStream:
@@ -70,19 +86,29 @@ class DataStream:
         "_held",
         "_inject",
         "_injected",
+        "_inspect",
         "_left",
         "_max_length",
         "_need",
         "_partial",
+        "_pending",
         "_state",
         "_unread",
         "control_pdus",
     )
 
-    def __init__(self, contexts: frozenset[int], max_length: int, decide: Decide) -> None:
+    def __init__(
+        self,
+        contexts: frozenset[int],
+        max_length: int,
+        decide: Decide,
+        inspect: Inspect | None = None,
+    ) -> None:
+        """``inspect`` is needed only when ``decide`` may answer HOLD."""
         self._contexts = contexts  # accepted presentation context IDs
         self._max_length = max_length
         self._decide = decide
+        self._inspect = inspect
         self._left = 0  # bytes of the current fast-path PDU still to pass
         self._drop = False  # whether the current message's PDVs are swallowed
         self._partial: bytearray | None = None
@@ -91,9 +117,11 @@ class DataStream:
         self._context = 0
         self._command = bytearray()
         self._command_size = 0  # wire bytes of the command's PDVs, headers included
-        #: PDUs held while their command is incomplete, copied out of the read they came in:
-        #: (PDU, ranges of the PDVs that pass whatever the decision, ranges of the command's).
+        #: PDUs held while the fate of their message is pending (its command is incomplete, or
+        #: the message is held), copied out of the read they came in: (PDU, ranges of the PDVs
+        #: that pass whatever the fate, ranges of the pending message's PDVs).
         self._held: list[tuple[bytes, list[int], list[int]]] = []
+        self._pending = False
         self._inject: list[bytes] = []
         self._injected = 0  # bytes in ``_inject``
         self._halted = False  # stop reading after the current PDU (``halt``, or an A-ABORT)
@@ -106,9 +134,15 @@ class DataStream:
         """Between two messages in what was forwarded so far.
 
         A PDU buffered while idle has not been forwarded at all (only a data-set PDU goes out
-        before it is complete), so it does not keep an injected PDU waiting.
+        before it is complete), so it does not keep an injected PDU waiting; a held message
+        whose data set has ended does.
         """
-        return self._state is _Message.IDLE and not self._left
+        return self._state is _Message.IDLE and not self._left and not self._pending
+
+    @property
+    def waiting(self) -> bool:
+        """A held message has ended and the stream reads nothing more until ``settle``."""
+        return self._pending and self._state is _Message.IDLE
 
     @property
     def queued_bytes(self) -> int:
@@ -152,7 +186,7 @@ class DataStream:
                 elif run < 0:
                     run = pos
                 pos += take
-                if not self._left and self._inject and self._state is _Message.IDLE:
+                if not self._left and self._inject and self.at_message_boundary:
                     if run >= 0:
                         out.append(view[run:pos])
                         run = -1
@@ -229,8 +263,8 @@ class DataStream:
                 pos = end
         if run >= 0:
             out.append(view if run == 0 and pos == end else view[run:pos])
-        if pos < end:
-            self._unread = bytes(view[pos:end])
+        if pos < end:  # after what ``_whole_pdu`` left of a PDU it stopped in
+            self._unread += view[pos:end]
         return out
 
     def halt(self) -> None:
@@ -263,7 +297,7 @@ class DataStream:
         return True
 
     def _flush_injected(self, out: list[Buffer]) -> None:
-        if self._inject and self._state is _Message.IDLE:
+        if self._inject and self._state is _Message.IDLE and not self._pending:
             out.extend(self._inject)
             self._inject.clear()
             self._injected = 0
@@ -272,8 +306,11 @@ class DataStream:
         """Slow path: a complete PDU that is not a lone data-set PDV of a known message.
 
         The PDU leaves as received once the fate of all its PDVs is known, and is re-framed only
-        when some of them are swallowed. While a command is incomplete, its PDUs are held (they
-        may also carry the end of the previous message, which then waits with them).
+        when some of them are swallowed. While the fate of a message is pending (its command is
+        incomplete, or ``decide`` held it), its PDUs are held (they may also carry the end of
+        the previous message, which then waits with them). A held message whose data set ends
+        still held stops the reading: the PDVs after it in the PDU are framed anew and wait
+        with the rest of the read (``take_unread``) until ``settle``.
 
         Which PDVs pass is kept as ranges of offsets, adjacent PDVs merged into one range: a PDU
         of thousands of tiny PDVs costs a few integers, not an object per PDV (a 60 KB PDU of
@@ -293,7 +330,7 @@ class DataStream:
             self._halted = pdu_type == A_ABORT
             return
         kept: list[int] = []  # ranges of the PDVs of this PDU that pass
-        command: list[int] = []  # ranges of this PDU's PDVs of a command not yet complete
+        pending: list[int] = []  # ranges of this PDU's PDVs of the message whose fate is pending
         pos = HEADER_SIZE
         end = len(pdu)
         if pos == end:
@@ -313,49 +350,85 @@ class DataStream:
                     ABORT_UNEXPECTED_PARAMETER,
                 )
             if control & _COMMAND:
-                _add_range(command, pos, pdv_end)
-                forward = self._command_fragment(context, control, pdu[pos + 6 : pdv_end], out)
-                if forward is not None:
-                    if forward:
-                        for at in range(0, len(command), 2):
-                            _add_range(kept, command[at], command[at + 1])
-                    command = []
+                _add_range(pending, pos, pdv_end)
+                verdict = self._command_fragment(context, control, pdu[pos + 6 : pdv_end], out)
+                if self._pending and self._state is _Message.IDLE:  # held, and complete
+                    self._stop_after(pdu, pdv_end)
+                    break
+            elif self._state is _Message.INSPECTED:
+                self._check_data_context(context)
+                last = bool(control & _LAST)
+                if last:
+                    self._state = _Message.IDLE
+                assert self._inspect is not None
+                verdict = self._inspect(pdu[pos + 6 : pdv_end], last)
+                if self._pending:
+                    _add_range(pending, pos, pdv_end)
+                    if verdict != HOLD:
+                        self._settle_held(verdict == FORWARD, out)
+                else:  # forwarded already: what follows passes once inspected
+                    _add_range(kept, pos, pdv_end)
+                    verdict = FORWARD
+                if last and self._pending:
+                    self._stop_after(pdu, pdv_end)
+                    break
+                if verdict == SWALLOW:
+                    self._state = _Message.IDLE if last else _Message.DATA_SET
+                    self._drop = True
             else:
                 if self._state is not _Message.DATA_SET:
                     raise RemoteProtocolError(
                         "data set PDV without a command announcing it", ABORT_UNEXPECTED_PARAMETER
                     )
-                if context != self._context:
-                    raise RemoteProtocolError(
-                        f"data set PDV on context {context} while the message uses "
-                        f"context {self._context}",
-                        ABORT_UNEXPECTED_PARAMETER,
-                    )
+                self._check_data_context(context)
                 if control & _LAST:
                     self._state = _Message.IDLE
                 if not self._drop:
                     _add_range(kept, pos, pdv_end)
+                verdict = HOLD
+            if verdict != HOLD and pending:
+                if verdict == FORWARD:
+                    for at in range(0, len(pending), 2):
+                        _add_range(kept, pending[at], pending[at + 1])
+                pending = []
             pos = pdv_end
-        if self._state is _Message.COMMAND:
-            # Copied: a view would keep the whole read it came in alive while the command waits.
-            self._held.append((bytes(pdu), kept, command))
+        if self._pending:
+            # Copied: a view would keep the whole read it came in alive while the message waits.
+            self._held.append((bytes(pdu), kept, pending))
             return
         if kept:
             out.append(_framed(pdu, kept))
         self._flush_injected(out)
 
+    def _stop_after(self, pdu: memoryview, pdv_end: int) -> None:
+        """A held message has ended: read nothing more until ``settle``. The PDVs after it in
+        this PDU wait, framed as a PDU of their own, with the rest of the read."""
+        self._halted = True
+        if pdv_end < len(pdu):
+            rest = pdu[pdv_end:]
+            self._unread = HEADER.pack(P_DATA_TF, len(rest)) + bytes(rest)
+
+    def _check_data_context(self, context: int) -> None:
+        if context != self._context:
+            raise RemoteProtocolError(
+                f"data set PDV on context {context} while the message uses context {self._context}",
+                ABORT_UNEXPECTED_PARAMETER,
+            )
+
     def _command_fragment(
         self, context: int, control: int, fragment: memoryview, out: list[Buffer]
-    ) -> bool | None:
-        """Collect a command fragment; once the command is complete, decide and return whether
-        it passes (``None`` before that), sending the PDUs held for it ahead of the current one.
+    ) -> int:
+        """Collect a command fragment; once the command is complete, decide its message's fate
+        and return it (HOLD while it is still pending), sending the PDUs held for it ahead of
+        the current one when it is settled.
         """
-        if self._state is _Message.DATA_SET:
+        if self._state is _Message.DATA_SET or self._state is _Message.INSPECTED:
             raise RemoteProtocolError(
                 "command PDV before the previous data set ended", ABORT_UNEXPECTED_PARAMETER
             )
         if self._state is _Message.IDLE:
             self._state = _Message.COMMAND
+            self._pending = True
             self._context = context
             self._command.clear()
             self._command_size = 0
@@ -369,21 +442,46 @@ class DataStream:
         if self._command_size > MAX_COMMAND_BYTES:
             raise RemoteProtocolError("DIMSE command set too large", ABORT_INVALID_PARAMETER)
         if not control & _LAST:
-            return None
+            return HOLD
         command = decode_command(self._command)
-        forward = self._decide(context, command)
-        for held, held_kept, held_command in self._held:
+        verdict = self._decide(context, command)
+        if verdict == HOLD:
+            self._state = _Message.INSPECTED if command.has_data_set else _Message.IDLE
+            self._drop = False
+            return HOLD
+        forward = verdict != SWALLOW
+        self._settle_held(forward, out)
+        self._drop = not forward
+        self._state = _Message.DATA_SET if command.has_data_set else _Message.IDLE
+        return FORWARD if forward else SWALLOW
+
+    def _settle_held(self, forward: bool, out: list[Buffer]) -> None:
+        """The pending message's fate is known: send the PDUs held for it, with or without its
+        own PDVs."""
+        for held, held_kept, held_pending in self._held:
             passing = held_kept
             if forward:
                 passing = list(held_kept)
-                for at in range(0, len(held_command), 2):
-                    _add_range(passing, held_command[at], held_command[at + 1])
+                for at in range(0, len(held_pending), 2):
+                    _add_range(passing, held_pending[at], held_pending[at + 1])
             if passing:
                 out.append(_framed(memoryview(held), passing))
         self._held.clear()
-        self._drop = not forward
-        self._state = _Message.DATA_SET if command.has_data_set else _Message.IDLE
-        return forward
+        self._pending = False
+
+    def settle(self, forward: bool) -> list[Buffer]:
+        """The fate of the held message, decided outside ``feed`` (an answer that had to be
+        waited for): what goes out now. A message that has ended stopped the reading, which
+        goes on with ``take_unread``; one whose data set is still arriving is forwarded from
+        here on (its fragments still shown to ``inspect``) or swallowed to its end."""
+        out: list[Buffer] = []
+        if not self._pending or self._state is _Message.COMMAND:
+            return out
+        self._settle_held(forward, out)
+        if self._state is _Message.INSPECTED and not forward:
+            self._state, self._drop = _Message.DATA_SET, True
+        self._flush_injected(out)
+        return out
 
 
 def _add_range(ranges: list[int], start: int, end: int) -> None:

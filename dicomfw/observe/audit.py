@@ -3,7 +3,8 @@
 One JSON object per line: one per association when it ends (who: AE titles, source address,
 certificate; what: services and SOP classes with counts, instances stored, bytes both ways;
 outcome, reason and timing), one per refused connection, rejected association, refused request
-and failed request, and one when the daemon starts and stops. The same records feed the IHE ATNA
+and failed request, one per thing monitor mode let pass that enforce mode would have refused,
+and one when the daemon starts and stops. The same records feed the IHE ATNA
 sink (``dicomfw.observe.atna``). Unlike metrics, the audit keeps AE titles and addresses exactly
 as received: that is what an investigation needs.
 
@@ -39,6 +40,7 @@ from dicomfw.core.session import (
     RequestFailed,
     RequestRefused,
     RequestTally,
+    WouldRefuse,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
@@ -181,7 +183,9 @@ class _Facts:
 
     upstream: Record | None
     refused_contexts: list[Record]
+    contexts: list[Record] = field(default_factory=list)
     operations: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+    move_destinations: set[str] = field(default_factory=set)
     instances_stored: int = 0
 
     def row(self, service: str, sop_class: str) -> list[int]:
@@ -198,6 +202,7 @@ class _Facts:
                 row[_INDEX[answer]] += getattr(counts, answer)
             if service == "C-STORE":
                 self.instances_stored += counts.success + counts.warning
+        self.move_destinations |= tally.move_destinations
 
 
 class AuditTrail:
@@ -283,10 +288,17 @@ class AuditTrail:
                 {"sop_class": name_of(uid), "sop_class_uid": uid, "reason": why}
                 for _, uid, why in event.refused_contexts
             ]
-            self._facts[id(info)] = _Facts(self._upstream_of_route.get(event.route), refused)
+            contexts = [
+                {"sop_class": name_of(uid), "sop_class_uid": uid, "transfer_syntax": ts}
+                for uid, ts in event.contexts
+            ]
+            self._facts[id(info)] = _Facts(
+                self._upstream_of_route.get(event.route), refused, contexts
+            )
         elif kind is AssociationEnded:
             assert isinstance(event, AssociationEnded)
-            self._association_record(info, event)
+            if event.how != "probe":  # a health check said nothing: counted, not audited
+                self._association_record(info, event)
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
             record = _who(self._pid, info, "association_rejected")
@@ -300,10 +312,40 @@ class AuditTrail:
                 rejection={"result": event.result, "source": event.source, "reason": event.reason},
             )
             self._submit(record)
+        elif kind is WouldRefuse:
+            assert isinstance(event, WouldRefuse)
+            record = _who(self._pid, info, "would_refuse")
+            record.update(
+                calling_ae=info.calling_ae,
+                called_ae=info.called_ae,
+                route=info.route,
+                stage=event.stage,
+                reason=event.why,
+                detail=event.detail,
+                answer=event.answer,
+                service=event.service or None,
+                sop_class=name_of(event.sop_class) if event.sop_class else None,
+                sop_class_uid=event.sop_class or None,
+                count=event.count,
+            )
+            self._submit(record)
         elif kind is Refused:
             assert isinstance(event, Refused)
             record = _who(self._pid, info, "connection_refused")
-            record.update(reason=event.why, cause=event.cause or None, detail=event.detail)
+            presented = event.certificate
+            record.update(
+                reason=event.why,
+                cause=event.cause or None,
+                detail=event.detail,
+                presented_certificate=None
+                if presented is None
+                else {
+                    "subject": presented.subject,
+                    "issuer": presented.issuer,
+                    "serial": presented.serial,
+                    "sha256": presented.sha256,
+                },
+            )
             self._submit(record)
 
     def _request_record(
@@ -359,7 +401,9 @@ class AuditTrail:
                 for (service, uid), counts in sorted(facts.operations.items() if facts else ())
             ],
             instances_stored=facts.instances_stored if facts is not None else 0,
+            contexts=facts.contexts if facts is not None else [],
             refused_contexts=facts.refused_contexts if facts is not None else [],
+            move_destinations=sorted(facts.move_destinations) if facts is not None else [],
         )
         self._submit(record)
 

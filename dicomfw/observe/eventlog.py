@@ -17,6 +17,7 @@ from dicomfw.core.session import (
     RequestFailed,
     RequestRefused,
     RequestTally,
+    WouldRefuse,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
@@ -31,6 +32,7 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
     if kind is RequestTally:  # about once a second per association: keep it cheap
         assert isinstance(event, RequestTally)
         info.requests += sum(counts.completed for counts in event.counts.values())
+        info.requests_sent += sum(counts.forwarded for counts in event.counts.values())
         return
     if kind is RequestFailed:  # the audit trail records each one
         return
@@ -40,8 +42,18 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
         "via": info.proxied_by,  # the load balancer that reported ``peer`` (PROXY protocol)
     }
     if isinstance(event, Refused):
+        presented = event.certificate  # a refused TLS client's certificate: which one it was
         log_event(
-            log, logging.WARNING, "connection_refused", **where, why=event.why, detail=event.detail
+            log,
+            logging.WARNING,
+            "connection_refused",
+            **where,
+            why=event.why,
+            cause=event.cause or None,
+            detail=event.detail,
+            subject=presented.subject if presented is not None else None,
+            issuer=presented.issuer if presented is not None else None,
+            serial=presented.serial if presented is not None else None,
         )
     elif isinstance(event, AssociationRejected):
         log_event(
@@ -94,6 +106,25 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             count=event.count,
             detail=event.detail,
         )
+    elif isinstance(event, WouldRefuse):
+        log_event(
+            log,
+            logging.INFO,
+            "would_refuse",
+            **where,
+            calling_ae=info.calling_ae,
+            called_ae=info.called_ae,
+            stage=event.stage,
+            service=event.service or None,
+            sop_class=name_of(event.sop_class) if event.sop_class else None,
+            why=event.why,
+            answer=event.answer,
+            count=event.count,
+            detail=event.detail,
+        )
+    elif isinstance(event, AssociationEnded) and event.how == "probe":
+        # a balancer's or a monitor's health check: connected, closed, said nothing
+        log_event(log, logging.INFO, "probe", **where)
     elif isinstance(event, AssociationEnded):
         log_event(
             log,
@@ -106,7 +137,8 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             why=event.why,
             detail=event.detail or None,
             seconds=round(time.monotonic() - info.started, 3),
-            bytes_in=info.bytes_from_requester,
-            bytes_out=info.bytes_from_upstream,
-            requests=info.requests,
+            bytes_from_requester=info.bytes_from_requester,
+            bytes_from_upstream=info.bytes_from_upstream,
+            requests_sent=info.requests_sent,
+            requests_answered=info.requests,
         )

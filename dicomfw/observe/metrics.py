@@ -25,7 +25,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
@@ -51,10 +51,12 @@ from dicomfw.core.session import (
     Event,
     RequestRefused,
     RequestTally,
+    WouldRefuse,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
 from dicomfw.relay.server import AssociationInfo, Refused
+from dicomfw.relay.tlsfiles import TlsFileError, next_update, read_crls
 
 log = logging.getLogger("dicomfw.metrics")
 
@@ -68,6 +70,10 @@ PROTOCOL_REFUSALS: Final = frozenset(
         "idle_timeout",
         "too_many_refusals",
     }
+)
+#: Rejections because the upstream connection failed (``Session.upstream_failed``).
+UPSTREAM_FAILURES: Final = frozenset(
+    {"upstream_unreachable", "upstream_certificate_invalid", "upstream_tls_failed"}
 )
 NONE: Final = "none"  # label value: no route (yet)
 UNKNOWN: Final = "unknown"  # label value: an AE title that is no configured peer
@@ -113,6 +119,13 @@ class Metrics:
             ["listener", "stage", "reason"],
             registry=r,
         )
+        self.would_refuse = Counter(
+            "dicomfw_would_refuse_total",
+            "What a listener or route in monitor mode let pass that enforce mode would have "
+            "refused, by stage (connection, association, context, request, limit) and reason.",
+            ["listener", "stage", "reason"],
+            registry=r,
+        )
         self.tls_failures = Counter(
             "dicomfw_tls_handshake_failures_total",
             "Failed TLS handshakes on listeners, by cause.",
@@ -149,8 +162,10 @@ class Metrics:
         )
         self.upstream_failures = Counter(
             "dicomfw_upstream_connect_failures_total",
-            "Upstream connections that failed (refused, unreachable, TLS, timeout).",
-            ["upstream"],
+            "Upstream connections that failed, by cause: refused, timeout, unreachable, "
+            "connection_lost, certificate_invalid (its certificate did not verify), "
+            "tls_handshake_failed (e.g. it refused ours), other.",
+            ["upstream", "cause"],
             registry=r,
         )
         self.reloads = Counter(
@@ -175,6 +190,14 @@ class Metrics:
         self.not_after = Gauge(
             "dicomfw_certificate_not_after_timestamp_seconds",
             "Expiry (notAfter, Unix time) of the earliest-expiring certificate in each file.",
+            ["file", "role"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.crl_next_update = Gauge(
+            "dicomfw_crl_next_update_timestamp_seconds",
+            "nextUpdate (Unix time) of the soonest CRL in each CRL file a listener loads: past "
+            "it, the listener refuses every client certificate.",
             ["file", "role"],
             registry=r,
             multiprocess_mode="livemostrecent",
@@ -212,7 +235,7 @@ class Metrics:
         self._sop_labels: dict[str, str] = {}
         self._upstream_of_route: dict[str, str] = {}
         self._rules_hash = ""
-        self._certificates: set[tuple[str, str]] = set()
+        self._file_series: dict[Gauge, set[tuple[str, str]]] = {}  # see ``_set_moments``
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see ``_child``
 
     # ---- configuration ------------------------------------------------------------------------
@@ -243,17 +266,28 @@ class Metrics:
         self._set_certificates(config)
 
     def _set_certificates(self, config: Config) -> None:
+        self._set_moments(self.not_after, config.certificate_files(), _earliest_not_after)
+        self._set_moments(self.crl_next_update, config.crl_files(), _earliest_next_update)
+
+    def _set_moments(
+        self,
+        gauge: Gauge,
+        files: Iterable[tuple[str, Path]],
+        read: Callable[[Path], float | None],
+    ) -> None:
+        """One series per (file, role) with the moment ``read`` finds in it; the series of
+        files the rules no longer name go."""
         current: set[tuple[str, str]] = set()
-        for role, path in config.certificate_files():
-            expiry = _earliest_not_after(path)
-            if expiry is None:
+        for role, path in files:
+            moment = read(path)
+            if moment is None:
                 continue
             key = (str(path), role)
-            self.not_after.labels(*key).set(expiry)
+            gauge.labels(*key).set(moment)
             current.add(key)
-        for key in self._certificates - current:
-            self.not_after.remove(*key)
-        self._certificates = current
+        for key in self._file_series.get(gauge, set()) - current:
+            gauge.remove(*key)
+        self._file_series[gauge] = current
 
     def reload_succeeded(self, config: Config) -> None:
         self.reloads.labels("success").inc()
@@ -287,6 +321,9 @@ class Metrics:
             sop_class = self._sop_labels.get(event.sop_class, OTHER)
             self._child(self.requests, route, event.service, sop_class, "failure").inc(event.count)
             self._child(self.refusals, info.listener, "request", event.why).inc(event.count)
+        elif kind is WouldRefuse:
+            assert isinstance(event, WouldRefuse)
+            self._child(self.would_refuse, info.listener, event.stage, event.why).inc(event.count)
         elif kind is AssociationAccepted:
             assert isinstance(event, AssociationAccepted)
             self._open[id(info)] = event.route
@@ -296,9 +333,10 @@ class Metrics:
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
             self._child(self.refusals, info.listener, "association", event.why).inc()
-            if event.why == "upstream_unreachable":
+            if event.why in UPSTREAM_FAILURES:
                 upstream = self._upstream_of_route.get(info.route or "", UNKNOWN)
-                self._child(self.upstream_failures, upstream).inc()
+                cause = info.upstream_failure or OTHER
+                self._child(self.upstream_failures, upstream, cause).inc()
             self._ended(info, "rejected")
         elif kind is AssociationEnded:
             assert isinstance(event, AssociationEnded)
@@ -389,6 +427,16 @@ def _earliest_not_after(path: Path) -> float | None:
         log_event(log, logging.WARNING, "certificate_unreadable", file=str(path), error=error)
         return None
     return min(c.not_valid_after_utc.timestamp() for c in certificates)
+
+
+def _earliest_next_update(path: Path) -> float | None:
+    """The soonest nextUpdate among the CRLs in ``path``."""
+    try:
+        moment = next_update(read_crls(path))
+    except TlsFileError as error:
+        log_event(log, logging.WARNING, "crl_unreadable", file=str(path), error=error.message)
+        return None
+    return moment.timestamp() if moment is not None else None
 
 
 class MetricsServer:

@@ -19,14 +19,15 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, cast
+from typing import Any, Final, Protocol, cast
 
 from dicomfw.config.model import Config, Listener
-from dicomfw.core.policy import IPAddress, PresentedIdentity, in_networks
+from dicomfw.core.policy import MONITOR, IPAddress, PresentedIdentity, Refuse, Reject, in_networks
 from dicomfw.core.proxy import InvalidProxyHeader, ProxyHeader, ProxyHeaderReader
-from dicomfw.core.ratelimit import Gate, Limiter
+from dicomfw.core.ratelimit import Delay, Gate, Limiter, LimitQuery
 from dicomfw.core.session import (
     AssociationEnded,
+    CheckLimits,
     Close,
     Command,
     ConnectUpstream,
@@ -38,14 +39,19 @@ from dicomfw.core.session import (
     Side,
     State,
     Wakeup,
+    WouldRefuse,
 )
 from dicomfw.core.stream import Buffer
 from dicomfw.logsetup import log_event
 from dicomfw.relay.libssl import BufferRelease
 from dicomfw.relay.tls import (
+    RefusedCertificate,
     ResumingClientContext,
+    ServerContext,
+    accepting,
     client_context,
     presented_identity,
+    refused_certificate,
     server_context,
 )
 
@@ -74,7 +80,7 @@ class Runtime:
     """Everything one association needs, built and validated before it is swapped in."""
 
     config: Config
-    server_contexts: dict[str, ssl.SSLContext] = field(default_factory=dict)
+    server_contexts: dict[str, ServerContext] = field(default_factory=dict)
     client_contexts: dict[str, ResumingClientContext] = field(default_factory=dict)
 
 
@@ -111,10 +117,19 @@ class AssociationInfo:
     called_ae: str | None = None
     route: str | None = None
     requests: int = 0  # requests the upstream answered with a final status
+    requests_sent: int = 0  # requests passed to the upstream
     proxied_by: IPAddress | None = None  # the balancer, when ``address`` came in a PROXY header
+    upstream_failure: str | None = None  # why the upstream connection failed (upstream_cause)
 
 
 Observer = Callable[[AssociationInfo, "Event | Refused"], None]
+
+
+class LimitStore(Protocol):
+    """Where the association limits and per-peer request rates of every instance are kept
+    (``Limiter(shared=True)``): one atomic decision per query."""
+
+    async def decide(self, query: LimitQuery, gate: Gate) -> Reject | Refuse | Delay | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,12 +137,14 @@ class Refused:
     """A connection refused before any DICOM was spoken (source address, TLS handshake).
 
     ``cause`` sorts a TLS handshake failure into a small fixed set (``handshake_cause``), so
-    metrics can count by it without a label per OpenSSL message.
+    metrics can count by it without a label per OpenSSL message. ``certificate`` is the one the
+    client presented, when the handshake refused it.
     """
 
     why: str
     detail: str
     cause: str = ""
+    certificate: RefusedCertificate | None = None
 
 
 def _write_in_pieces(transport: asyncio.Transport, buffer: Buffer, size: int) -> None:
@@ -238,7 +255,7 @@ class Association(asyncio.Protocol):
         self._gate = gate  # this connection's lease on the relay's rate limits and caps
         self._wakeup: asyncio.TimerHandle | None = None  # a delayed request's timer
         self._full: set[Side] = set()  # sides whose write buffer is over its high-water mark
-        self._session_pauses_requester = False  # ``PauseReading`` until ``ResumeReading``
+        self._session_pauses: set[Side] = set()  # ``PauseReading`` until ``ResumeReading``
         # Sides that speak TLS: what is written to them goes in pieces of TLS_WRITE_BYTES.
         self._requester_tls = False
         self._upstream_tls = False
@@ -299,6 +316,16 @@ class Association(asyncio.Protocol):
             commands = _internal_error(session, error)
         self._execute(commands)
 
+    async def _check_limits(self, query: LimitQuery) -> None:
+        """Ask the relay's shared limit store; without one (or when it cannot answer and the
+        rules say ``fail: open``) this process answers from its own counters."""
+        store = self._relay.limit_store
+        if store is None:
+            answer = self._gate.decide_locally(query, time.monotonic())
+        else:
+            answer = await store.decide(query, self._gate)
+        self._step(lambda session: session.limits_answered(answer))
+
     async def _connect(self, name: str) -> None:
         config = self._runtime.config
         upstream = config.upstream(name)
@@ -319,8 +346,11 @@ class Association(asyncio.Protocol):
                     ssl_handshake_timeout=config.limits.tls_handshake_seconds if context else None,
                 )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
-            detail = f"{name}: {_describe(error)}"
-            self._step(lambda session: session.upstream_failed(detail))
+            detail = f"{name}: {_describe(error)}{_presented(refused_certificate(error))}"
+            cause = upstream_cause(error)
+            self.info.upstream_failure = cause
+            why = _UPSTREAM_WHY.get(cause, "upstream_unreachable")
+            self._step(lambda session: session.upstream_failed(detail, why))
             return
         if self._session.state is State.CLOSED:
             transport.close()
@@ -374,13 +404,14 @@ class Association(asyncio.Protocol):
         self._update_reading(Side.UPSTREAM)
 
     def _update_reading(self, side: Side) -> None:
-        """Read ``side`` unless backpressure or (the requester) the session says not to."""
+        """Read ``side`` unless backpressure or the session says not to."""
         transport = self._transports.get(side)
         if transport is None:
             return
-        paused = side.other in self._full or (
-            side is Side.REQUESTER
-            and (Side.REQUESTER in self._full or self._session_pauses_requester)
+        paused = (
+            side.other in self._full
+            or side in self._session_pauses
+            or (side is Side.REQUESTER and Side.REQUESTER in self._full)
         )
         if paused:
             if transport.is_reading():
@@ -434,9 +465,17 @@ class Association(asyncio.Protocol):
             elif kind is Wakeup:
                 assert isinstance(command, Wakeup)
                 self._wakeup = self._loop.call_later(command.delay, self._wake)
-            elif kind is PauseReading or kind is ResumeReading:
-                self._session_pauses_requester = kind is PauseReading
-                self._update_reading(Side.REQUESTER)
+            elif kind is CheckLimits:
+                assert isinstance(command, CheckLimits)
+                self._spawn(self._check_limits(command.query))
+            elif kind is PauseReading:
+                assert isinstance(command, PauseReading)
+                self._session_pauses.add(command.side)
+                self._update_reading(command.side)
+            elif kind is ResumeReading:
+                assert isinstance(command, ResumeReading)
+                self._session_pauses.discard(command.side)
+                self._update_reading(command.side)
             else:
                 if self.info.calling_ae is None:  # learnt from the A-ASSOCIATE-RQ, once
                     self._identify()
@@ -524,6 +563,16 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _presented(certificate: RefusedCertificate | None) -> str:
+    """What an upstream whose certificate did not verify presented, for the detail."""
+    if certificate is None:
+        return ""
+    return (
+        f" (it presented {certificate.subject}, issued by {certificate.issuer},"
+        f" serial {certificate.serial})"
+    )
+
+
 #: The start of the message asyncio's and uvloop's SSL protocols abort a handshake with when
 #: ``ssl_handshake_timeout`` passes.
 _HANDSHAKE_TIMED_OUT: Final = "SSL handshake is taking longer than"
@@ -536,6 +585,10 @@ _VERIFY_CAUSES: Final = {
     21: "unknown_ca",  # unable to verify the first certificate
     10: "certificate_expired",
     23: "certificate_revoked",
+    # The listener's CRL, not the client, is at fault: every client is refused until it is
+    # renewed (expired) or replaced (the rest).
+    12: "crl_expired",
+    **dict.fromkeys((3, 5, 8, 11, 15, 16, 33, 35, 36, 44, 54), "crl_invalid"),
 }
 #: OpenSSL reason codes of handshakes that failed before certificates were compared.
 _REASON_CAUSES: Final = {
@@ -553,9 +606,9 @@ _REASON_CAUSES: Final = {
 
 def handshake_cause(error: BaseException) -> str:
     """Why a listener's TLS handshake failed, as one of a fixed set of labels: no_certificate,
-    unknown_ca, certificate_expired, certificate_revoked, certificate_invalid, protocol_version,
-    no_shared_cipher, not_tls, peer_alert (the client refused us), timeout, connection_lost,
-    other."""
+    unknown_ca, certificate_expired, certificate_revoked, certificate_invalid, crl_expired,
+    crl_invalid, protocol_version, no_shared_cipher, not_tls, peer_alert (the client refused
+    us), timeout, connection_lost, other."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return _VERIFY_CAUSES.get(error.verify_code, "certificate_invalid")
     if isinstance(error, ssl.SSLError):
@@ -568,6 +621,35 @@ def handshake_cause(error: BaseException) -> str:
         return "timeout"
     if isinstance(error, OSError):  # ConnectionResetError, EOF in the handshake, ...
         return "connection_lost"
+    return "other"
+
+
+#: The ``AssociationRejected`` why of an upstream connection failure that is not the PACS
+#: being unreachable: a certificate problem is fixed elsewhere than a PACS that is down.
+_UPSTREAM_WHY: Final = {
+    "certificate_invalid": "upstream_certificate_invalid",
+    "tls_handshake_failed": "upstream_tls_failed",
+}
+
+
+def upstream_cause(error: BaseException) -> str:
+    """Why an upstream connection failed, as one of a fixed set of labels: certificate_invalid
+    (its certificate did not verify: another CA, expired, another name), tls_handshake_failed
+    (the handshake failed otherwise: it refused our certificate, no common version),
+    refused, timeout (connect or handshake), connection_lost, unreachable (no route, no such
+    host), other."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return "certificate_invalid"
+    if isinstance(error, ssl.SSLError):
+        return "tls_handshake_failed"
+    if isinstance(error, ConnectionRefusedError):
+        return "refused"
+    if isinstance(error, TimeoutError) or _HANDSHAKE_TIMED_OUT in str(error):
+        return "timeout"
+    if isinstance(error, ConnectionError):
+        return "connection_lost"
+    if isinstance(error, OSError):
+        return "unreachable"
     return "other"
 
 
@@ -601,6 +683,7 @@ class Relay:
         self.connections = 0  # accepted so far, refused ones included
         self.read_buffer = memoryview(bytearray(READ_BYTES))  # see ``_TlsReads``
         self.limiter = Limiter()  # survives reloads: counts of open associations stay true
+        self.limit_store: LimitStore | None = None  # with ``Limiter(shared=True)``
         self._sockets: list[socket.socket] = []
         self._accepting: list[asyncio.Task[None]] = []
         self._handshakes: set[asyncio.Task[None]] = set()
@@ -664,10 +747,16 @@ class Relay:
     ) -> Gate | None:
         """The source allowlist and the pending-connection cap, before a byte of TLS or DICOM is
         read; on refusal the connection is closed and ``None`` returned."""
-        if not runtime.config.policy.admits_source(info.address):
-            self.notify(info, Refused("source_address_denied", str(info.address)))
-            connection.close()
-            return None
+        policy = runtime.config.policy
+        if not policy.admits_source(info.address):
+            if policy.listener_mode(listener.name) != MONITOR:
+                self.notify(info, Refused("source_address_denied", str(info.address)))
+                connection.close()
+                return None
+            would = WouldRefuse(
+                "connection", "source_address_denied", str(info.address), "connection closed"
+            )
+            self.notify(info, would)
         gate = self.limiter.connect(runtime.config.limits.rates, listener.name, info.address)
         if gate is None:  # too many connections from there that have not associated yet
             self.notify(info, Refused("pending_limit_exceeded", str(info.address)))
@@ -713,6 +802,8 @@ class Relay:
     ) -> None:
         loop = asyncio.get_running_loop()
         context = runtime.server_contexts.get(listener.name)
+        if context is not None:
+            accepting(connection)  # where a refused handshake sends its alert
         try:
             await loop.connect_accepted_socket(
                 lambda: _tls_reads(
@@ -725,7 +816,12 @@ class Relay:
                 else None,
             )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as error:
-            refused = Refused("tls_handshake_failed", _describe(error), handshake_cause(error))
+            refused = Refused(
+                "tls_handshake_failed",
+                _describe(error),
+                handshake_cause(error),
+                refused_certificate(error),
+            )
             self.notify(info, refused)
             connection.close()
             gate.release()
