@@ -6,8 +6,9 @@ movescu and a pynetdicom SCU; servers: DCMTK's storescp, a pynetdicom SCP (find,
 N-CREATE/N-SET) and a pynetdicom SCP that rejects the association; HAProxy in front of the tap
 for the PROXY v2 headers a real balancer writes. From each transcript the tool cuts the seeds of
 every target (``fuzz/targets.py``): whole streams for the framer, each A-ASSOCIATE-RQ/AC, the
-fixed-size PDUs (RJ, release, abort), each reassembled command set, each direction's data
-phase, the PROXY header, and the transcript itself as a session script.
+fixed-size PDUs (RJ, release, abort), each reassembled command set and data set (C-STORE
+instances, C-FIND identifiers and matches), each direction's data phase, the PROXY header, and
+the transcript itself as a session script.
 
 Every client calls itself MODALITY and every server PACS, as the session target's policy
 expects. Seeds are named ``<scenario>-<what>-<sha1 prefix>.bin``, so re-running the capture
@@ -35,7 +36,9 @@ from typing import Any
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 
-from fuzz.targets import FROM_REQUESTER, FROM_UPSTREAM, script
+from dicomfw.core.acse import decode_ac
+from dicomfw.core.dimse import decode_command
+from fuzz.targets import DATASET_CONTEXTS, FROM_REQUESTER, FROM_UPSTREAM, script
 from tests.harness import (
     CT,
     FIND,
@@ -323,9 +326,52 @@ def command_sets(stream: bytes) -> list[bytes]:
     return found
 
 
+def data_sets(stream: bytes, syntaxes: dict[int, str]) -> list[bytes]:
+    """Every data set of a stream, its fragments joined, as a ``dataset`` seed: first the
+    byte that chooses its command and transfer syntax (``fuzz.targets.DATASET_CONTEXTS``)."""
+    found: list[bytes] = []
+    command, fragments, command_field = bytearray(), bytearray(), 0
+    for raw in pdus(stream):
+        pos = 6
+        while raw[0] == 0x04 and pos + 6 <= len(raw):
+            length, context, control = struct.unpack_from(">LBB", raw, pos)
+            value = raw[pos + 6 : pos + 4 + length]
+            pos += 4 + length
+            if control & 1:
+                command += value
+                if control & 2:
+                    command_field = decode_command(bytes(command)).command_field
+                    command.clear()
+                continue
+            fragments += value
+            if control & 2:
+                choice = _dataset_context(command_field, syntaxes.get(context, ""))
+                if choice is not None:
+                    found.append(bytes((choice,)) + bytes(fragments[:MAX_SEED_BYTES]))
+                fragments.clear()
+    return found
+
+
+def _dataset_context(command_field: int, transfer_syntax: str) -> int | None:
+    contexts = DATASET_CONTEXTS
+    for index, (field_, syntax) in enumerate(contexts):
+        if (field_, syntax) == (command_field, transfer_syntax):
+            return index
+    return next((n for n, (_, syntax) in enumerate(contexts) if syntax == transfer_syntax), None)
+
+
+def accepted_syntaxes(upstream: bytes) -> dict[int, str]:
+    """Context ID -> transfer syntax, from the A-ASSOCIATE-AC of a transcript."""
+    for raw in pdus(upstream):
+        if raw[0] == 0x02:
+            return {c.context_id: c.transfer_syntax for c in decode_ac(raw).contexts}
+    return {}
+
+
 def seeds(name: str, transcript: Transcript) -> Iterator[tuple[str, str, bytes]]:
     """(target, what, bytes) for every seed in one transcript."""
     requester, upstream = transcript.stream(REQUESTER), transcript.stream(UPSTREAM)
+    syntaxes = accepted_syntaxes(upstream)
     for direction, stream in ((REQUESTER, requester), (UPSTREAM, upstream)):
         whole = pdus(stream)
         if stream:
@@ -336,6 +382,8 @@ def seeds(name: str, transcript: Transcript) -> Iterator[tuple[str, str, bytes]]
                 yield kind, f"{direction}-pdu{raw[0]}", raw
         for command in command_sets(stream):
             yield "dimse", direction, command
+        for data_set in data_sets(stream, syntaxes):
+            yield "dataset", direction, data_set
         data_phase = b"".join(raw for raw in whole if raw[0] >= 0x04)
         if data_phase:
             yield "stream", direction, data_phase[:MAX_SEED_BYTES]

@@ -28,6 +28,7 @@ from ipaddress import ip_address, ip_network
 from typing import Final
 
 from dicomfw.core import acse, pdu, proxy
+from dicomfw.core.content import ContentRules, DataSetInspector, Kind, Message
 from dicomfw.core.dimse import DimseCommand, decode_command, encode_response
 from dicomfw.core.policy import AllowRule, Peer, Policy, Route
 from dicomfw.core.ratelimit import Gate, Limiter, LimitRules, RateLimits
@@ -40,7 +41,7 @@ from dicomfw.core.session import (
     Side,
     Wakeup,
 )
-from dicomfw.core.stream import DataStream
+from dicomfw.core.stream import FORWARD, HOLD, SWALLOW, DataStream
 from dicomfw.errors import RemoteProtocolError
 
 Target = Callable[[bytes], None]
@@ -222,23 +223,31 @@ def dimse(data: bytes) -> None:
 @target("stream")
 def stream(data: bytes) -> None:
     """``DataStream.feed`` in any split. When every message passes, what it forwards is always
-    a prefix of its input, byte for byte. Otherwise some messages are swallowed, refusals are
-    injected and reading halts now and then, with what was left unread fed again first, as
-    the session does; nothing is read after an A-ABORT."""
+    a prefix of its input, byte for byte. Otherwise, as the session does, messages are
+    forwarded, swallowed or held (a held message's data-set fragments shown to ``inspect``,
+    which forwards, swallows or keeps holding it; one still held at its end is settled, and
+    reading goes on with what was left unread), refusals are injected and reading halts now
+    and then; nothing is read after an A-ABORT."""
     rng = random.Random(zlib.crc32(data) ^ 0x5A5A)
     filtering = rng.random() < 0.5
     decided: list[int] = []
     walkers: list[DataStream] = []
 
-    def decide(context_id: int, command: DimseCommand) -> bool:
+    def decide(context_id: int, command: DimseCommand) -> int:
         decided.append(context_id)
+        number = command.message_id or 0
         if not filtering:
-            return True
-        if (command.message_id or 0) % 5 == 0:
+            return FORWARD
+        if number % 5 == 0:
             walkers[0].halt()
-        return (command.message_id or 0) % 3 != 0
+        if number % 7 == 0:
+            return HOLD
+        return SWALLOW if number % 3 == 0 else FORWARD
 
-    walker = DataStream(ALL_CONTEXTS, CAP, decide)
+    def inspect(fragment: memoryview, last: bool) -> int:
+        return (FORWARD, SWALLOW, HOLD, HOLD)[fragment[0] % 4 if len(fragment) else 3]
+
+    walker = DataStream(ALL_CONTEXTS, CAP, decide, inspect)
     walkers.append(walker)
     out = bytearray()
     pending = reads(data)
@@ -246,6 +255,9 @@ def stream(data: bytes) -> None:
         while pending:
             for buffer in walker.feed(pending.pop(0)):
                 out += buffer
+            if walker.waiting or (filtering and rng.random() < 0.1):
+                for buffer in walker.settle(rng.random() < 0.5):
+                    out += buffer
             unread = walker.take_unread()
             if pdu.A_ABORT in walker.control_pdus:
                 break
@@ -283,6 +295,55 @@ def proxy_header(data: bytes) -> None:
                 return
     except proxy.InvalidProxyHeader:
         return
+
+
+# ---- data sets (content validation) ------------------------------------------------------------
+
+#: The first byte of a ``dataset`` input chooses what the data set travels as: (command field,
+#: transfer syntax), so one corpus covers every encoding the walker reads.
+DATASET_CONTEXTS: Final = (
+    (0x0001, "1.2.840.10008.1.2"),  # C-STORE-RQ, Implicit VR Little Endian
+    (0x0001, "1.2.840.10008.1.2.1"),  # Explicit VR Little Endian
+    (0x0001, "1.2.840.10008.1.2.2"),  # Explicit VR Big Endian
+    (0x0001, "1.2.840.10008.1.2.1.99"),  # Deflated Explicit VR Little Endian
+    (0x0001, "1.2.840.10008.1.2.4.50"),  # JPEG Baseline: encapsulated Pixel Data
+    (0x0020, "1.2.840.10008.1.2"),  # C-FIND-RQ identifier
+    (0x8020, "1.2.840.10008.1.2.1"),  # C-FIND-RSP identifier
+    (0x0021, "1.2.840.10008.1.2"),  # C-MOVE-RQ identifier
+)
+#: Every check on, with small bounds the fuzzer can reach.
+DATASET_RULES: Final = ContentRules(
+    conformance=True,
+    max_depth=6,
+    max_elements=2_000,
+    max_instance_bytes=CAP,
+    max_inflated_bytes=4 * CAP,
+    max_value_bytes=4_096,
+    max_document_bytes=CAP,
+    required=(0x00080018,),
+    refused=frozenset({0x00101000}),
+    private_creators=frozenset({"DICOMFW"}),
+    universal_match_refused={"STUDY": frozenset({0x00100020})},
+    document_types=frozenset({"application/pdf"}),
+)
+
+
+@target("dataset")
+def dataset(data: bytes) -> None:
+    """``DataSetInspector.feed`` (the data-set walker and every content check) on any bytes in
+    any split, with every check on: findings only, never an exception, nothing after a
+    structural finding's walk has stopped."""
+    if not data:
+        return
+    command_field, transfer_syntax = DATASET_CONTEXTS[data[0] % len(DATASET_CONTEXTS)]
+    study_find = "1.2.840.10008.5.1.4.1.2.2.1"
+    sop_class = "1.2.840.10008.5.1.4.1.1.2" if command_field == 0x0001 else study_find
+    message = Message(command_field, sop_class, "1.2.3.4", sop_class, transfer_syntax)
+    inspector = DataSetInspector(DATASET_RULES, message)
+    pieces = reads(data[1:]) or [b""]
+    for number, piece in enumerate(pieces):
+        for finding in inspector.feed(piece, number == len(pieces) - 1):
+            check(isinstance(finding.kind, Kind) and bool(finding.check), "a malformed finding")
 
 
 # ---- the session --------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from dicomfw.core.proxy import (
     ProxyHeader,
     ProxyHeaderReader,
 )
-from dicomfw.core.stream import DataStream
+from dicomfw.core.stream import FORWARD, SWALLOW, DataStream
 from dicomfw.errors import RemoteProtocolError
 from tests.corehelpers import (
     associate_ac,
@@ -445,7 +445,7 @@ def test_the_data_stream_forwards_every_message_it_passes_byte_for_byte_in_any_s
     data: st.DataObject, transcript: tuple[bytes, list[list[bytes]]]
 ) -> None:
     stream, _ = transcript
-    stream_out = DataStream(CONTEXTS, CAP, lambda context, command: True)
+    stream_out = DataStream(CONTEXTS, CAP, lambda context, command: FORWARD)
     out = [buffer for piece in reads(data, stream) for buffer in stream_out.feed(piece)]
     assert joined(out) == stream
     assert stream_out.at_message_boundary
@@ -458,7 +458,11 @@ def test_a_refused_message_is_cut_out_whole_and_every_other_pdv_passes_unchanged
 ) -> None:
     stream, messages = transcript
     refused = set(data.draw(st.lists(st.integers(1, len(messages)), max_size=len(messages))))
-    walker = DataStream(CONTEXTS, CAP, lambda context, command: command.message_id not in refused)
+    walker = DataStream(
+        CONTEXTS,
+        CAP,
+        lambda context, command: SWALLOW if command.message_id in refused else FORWARD,
+    )
     out = joined(buffer for piece in reads(data, stream) for buffer in walker.feed(piece))
     expected = [
         item for n, message in enumerate(messages, 1) if n not in refused for item in message
@@ -476,7 +480,7 @@ def test_any_data_phase_bytes_are_forwarded_as_a_prefix_or_refused_and_nothing_i
     nothing), and what the stream holds never grows past what it was fed plus a constant, so
     the caps (one PDU, ``MAX_COMMAND_BYTES``) bound it whatever the PDV layout."""
     stream = hostile(data, transcript[0])
-    walker = DataStream(CONTEXTS, CAP, lambda context, command: True)
+    walker = DataStream(CONTEXTS, CAP, lambda context, command: FORWARD)
     out = bytearray()
     fed = 0
     try:
