@@ -41,8 +41,9 @@ ROOT = HERE.parent
 _STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)/(\S+)", re.MULTILINE)
 _STAT = re.compile(r"^stat::(\w+):\s+(\d+)", re.MULTILINE)
 _ARTIFACT = re.compile(r"Test unit written to (\S+)")
-#: Shares of the time: the session and the stream walk the most code at the lowest speed.
-WEIGHTS = {"session": 3.0, "stream": 2.0}
+#: Shares of the time: the session, the stream and the data-set walker run the most code at
+#: the lowest speed.
+WEIGHTS = {"session": 3.0, "stream": 2.0, "dataset": 2.0}
 
 
 @dataclass
