@@ -158,6 +158,19 @@ class TlsEndpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class Scanner:
+    """A running ClamAV daemon that scans the data sets content validation hands it (the
+    routes' ``scan``): ``address`` is ``unix:PATH`` or ``HOST:PORT``; ``max_bytes`` the most
+    it is sent at once; ``fail`` what passes when it cannot answer in ``timeout_seconds``
+    (open: everything, logged; closed: nothing it was to scan)."""
+
+    address: str
+    timeout_seconds: float = 10.0
+    max_bytes: int = 64 * 1_048_576
+    fail: str = "open"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path  # the rules file this came from
     listeners: tuple[Listener, ...]
@@ -166,6 +179,7 @@ class Config:
     limits: Limits = Limits()
     metrics: MetricsEndpoint | None = None
     audit: Audit | None = None
+    scanner: Scanner | None = None
     workers: int = 1  # processes sharing the listeners (``workers: auto`` = the CPU count)
 
     def tls_endpoints(self) -> tuple[TlsEndpoint, ...]:

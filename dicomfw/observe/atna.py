@@ -191,7 +191,12 @@ class Messages:
         event = record["event"]
         if event in ("application_start", "application_stop"):
             return [(record["time"], self._application(record))]
-        if event in ("connection_refused", "association_rejected", "request_refused"):
+        if event in (
+            "connection_refused",
+            "association_rejected",
+            "request_refused",
+            "content_refused",
+        ):
             return (
                 [] if record["reason"] in _NOT_ALERTS else [(record["time"], self._alert(record))]
             )

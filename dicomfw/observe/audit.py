@@ -36,6 +36,7 @@ from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
+    ContentRefused,
     Event,
     RequestFailed,
     RequestRefused,
@@ -312,6 +313,31 @@ class AuditTrail:
                 rejection={"result": event.result, "source": event.source, "reason": event.reason},
             )
             self._submit(record)
+        elif kind is ContentRefused:
+            assert isinstance(event, ContentRefused)
+            facts = self._facts.get(id(info))
+            if facts is not None and event.side == "requester" and event.action == "refused":
+                row = facts.row(event.service, event.sop_class)
+                row[_INDEX["requests"]] += event.count
+                row[_INDEX["refused"]] += event.count
+            record = _who(self._pid, info, "content_refused")
+            record.update(
+                calling_ae=info.calling_ae,
+                called_ae=info.called_ae,
+                route=info.route,
+                side=event.side,
+                service=event.service,
+                sop_class=name_of(event.sop_class) if event.sop_class else None,
+                sop_class_uid=event.sop_class or None,
+                message_id=event.message_id,
+                action=event.action,
+                status=f"0x{event.status:04X}" if event.status else None,
+                reason=event.check,
+                kind=event.kind,
+                detail=event.detail,
+                count=event.count,
+            )
+            self._submit(record)
         elif kind is WouldRefuse:
             assert isinstance(event, WouldRefuse)
             record = _who(self._pid, info, "would_refuse")
@@ -424,7 +450,12 @@ def _who(pid: int, info: AssociationInfo, name: str) -> Record:
         },
         "certificate": None
         if identity is None
-        else {"subject_cn": identity.subject_cn, "sha256": identity.fingerprint_sha256},
+        else {
+            "subject_cn": identity.subject_cn,
+            "san_dns": list(identity.san_dns),
+            "san_uri": list(identity.san_uri),
+            "sha256": identity.fingerprint_sha256,
+        },
     }
 
 

@@ -13,10 +13,12 @@ from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
+    ContentRefused,
     Event,
     RequestFailed,
     RequestRefused,
     RequestTally,
+    Scanned,
     WouldRefuse,
 )
 from dicomfw.core.uids import name_of
@@ -105,6 +107,35 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             why=event.why,
             count=event.count,
             detail=event.detail,
+        )
+    elif isinstance(event, ContentRefused):
+        log_event(
+            log,
+            logging.WARNING,
+            "content_refused",
+            **where,
+            calling_ae=info.calling_ae,
+            side=event.side,
+            service=event.service,
+            sop_class=name_of(event.sop_class) if event.sop_class else None,
+            check=event.check,
+            action=event.action,
+            status=f"0x{event.status:04X}" if event.status else None,
+            count=event.count,
+            detail=event.detail,
+        )
+    elif isinstance(event, Scanned):
+        log_event(
+            log,
+            logging.DEBUG if event.result == "clean" else logging.WARNING,
+            "scanned",
+            **where,
+            calling_ae=info.calling_ae,
+            side=event.side,
+            service=event.service,
+            sop_class=name_of(event.sop_class) if event.sop_class else None,
+            result=event.result,
+            detail=event.detail or None,
         )
     elif isinstance(event, WouldRefuse):
         log_event(

@@ -48,9 +48,11 @@ from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
+    ContentRefused,
     Event,
     RequestRefused,
     RequestTally,
+    Scanned,
     WouldRefuse,
 )
 from dicomfw.core.uids import name_of
@@ -117,6 +119,21 @@ class Metrics:
             "What the firewall refused, by stage (connection, association, context, request, "
             "protocol) and stable reason.",
             ["listener", "stage", "reason"],
+            registry=r,
+        )
+        self.content = Counter(
+            "dicomfw_content_refusals_total",
+            "Data sets content validation refused, by whose message it was (side), check and "
+            "what the firewall did (refused: answered; replaced: a response replaced by a "
+            "failure; aborted: found after forwarding began).",
+            ["listener", "side", "check", "action"],
+            registry=r,
+        )
+        self.scans = Counter(
+            "dicomfw_scans_total",
+            "Data sets handed to the external scanner, by result: clean, found, error (it "
+            "could not answer; the route's fail decided), skipped (larger than it takes).",
+            ["listener", "result"],
             registry=r,
         )
         self.would_refuse = Counter(
@@ -321,6 +338,21 @@ class Metrics:
             sop_class = self._sop_labels.get(event.sop_class, OTHER)
             self._child(self.requests, route, event.service, sop_class, "failure").inc(event.count)
             self._child(self.refusals, info.listener, "request", event.why).inc(event.count)
+        elif kind is ContentRefused:
+            assert isinstance(event, ContentRefused)
+            if event.side == "requester" and event.action == "refused":
+                route = info.route or NONE
+                sop_class = self._sop_labels.get(event.sop_class, OTHER)
+                self._child(self.requests, route, event.service, sop_class, "failure").inc(
+                    event.count
+                )
+            self._child(self.refusals, info.listener, "content", event.check).inc(event.count)
+            self._child(self.content, info.listener, event.side, event.check, event.action).inc(
+                event.count
+            )
+        elif kind is Scanned:
+            assert isinstance(event, Scanned)
+            self._child(self.scans, info.listener, event.result).inc()
         elif kind is WouldRefuse:
             assert isinstance(event, WouldRefuse)
             self._child(self.would_refuse, info.listener, event.stage, event.why).inc(event.count)

@@ -34,6 +34,7 @@ from dicomfw.core.session import (
     Event,
     PauseReading,
     ResumeReading,
+    Scan,
     Send,
     Session,
     Side,
@@ -43,6 +44,7 @@ from dicomfw.core.session import (
 )
 from dicomfw.core.stream import Buffer
 from dicomfw.logsetup import log_event
+from dicomfw.relay import clamd
 from dicomfw.relay.libssl import BufferRelease
 from dicomfw.relay.tls import (
     RefusedCertificate,
@@ -326,6 +328,19 @@ class Association(asyncio.Protocol):
             answer = await store.decide(query, self._gate)
         self._step(lambda session: session.limits_answered(answer))
 
+    async def _scan(self, command: Scan) -> None:
+        """The data set to clamd; its verdict to the session (the loader makes sure a route
+        that scans has a scanner)."""
+        scanner = self._runtime.config.scanner
+        if scanner is None:
+            result, detail = "error", "no scanner configured"
+        else:
+            result, detail = await clamd.scan(
+                scanner.address, command.data, scanner.timeout_seconds
+            )
+        side = command.side
+        self._step(lambda session: session.scan_done(side, result, detail))
+
     async def _connect(self, name: str) -> None:
         config = self._runtime.config
         upstream = config.upstream(name)
@@ -468,6 +483,9 @@ class Association(asyncio.Protocol):
             elif kind is CheckLimits:
                 assert isinstance(command, CheckLimits)
                 self._spawn(self._check_limits(command.query))
+            elif kind is Scan:
+                assert isinstance(command, Scan)
+                self._spawn(self._scan(command))
             elif kind is PauseReading:
                 assert isinstance(command, PauseReading)
                 self._session_pauses.add(command.side)

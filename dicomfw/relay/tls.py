@@ -18,7 +18,7 @@ import contextlib
 import hashlib
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -335,14 +335,20 @@ def presented_identity(ssl_object: Any) -> PresentedIdentity | None:
     if ssl_object is None:
         return None
     der = ssl_object.getpeercert(binary_form=True)
-    info = ssl_object.getpeercert() or {}
     if not der:
         return None
+    return identity_of(der, ssl_object.getpeercert() or {})
+
+
+def identity_of(der: bytes, decoded: Mapping[str, Any]) -> PresentedIdentity:
+    """A certificate, as DER and decoded the way ``SSLSocket.getpeercert()`` decodes it, in the
+    terms policy matches on. ``dicomfw explain --cert`` reads a PEM file through this too, so
+    what it says about a certificate is what the relay would see."""
     subject_cn = next(
-        (value for rdn in info.get("subject", ()) for key, value in rdn if key == "commonName"),
+        (value for rdn in decoded.get("subject", ()) for key, value in rdn if key == "commonName"),
         None,
     )
-    sans = info.get("subjectAltName", ())
+    sans = decoded.get("subjectAltName", ())
     return PresentedIdentity(
         subject_cn=subject_cn,
         san_dns=tuple(value for kind, value in sans if kind == "DNS"),
