@@ -25,6 +25,7 @@ from dicomfw.config.load import load_config
 from dicomfw.errors import ConfigError, ConfigErrors
 from dicomfw.logsetup import log_event
 from dicomfw.observe.eventlog import log_observer
+from dicomfw.observe.metrics import LoopLagProbe
 from dicomfw.observe.observability import Observability
 from dicomfw.relay.server import Relay, Runtime, build_runtime
 from dicomfw.relay.tls import check_collector_files
@@ -266,6 +267,10 @@ async def serve(
     stop_heartbeat = announcer.start_heartbeat(relay)
     trimmer = HeapTrimmer(lambda: (relay.connections, len(relay.associations)))
     trimmer.start()
+    lag = None
+    if observability.metrics is not None:
+        lag = LoopLagProbe(loop, observability.metrics.loop_lag.observe)
+        lag.start()
     await stop.wait()
     if drain_seconds is None:
         drain_seconds = relay.runtime.config.limits.drain_seconds
@@ -281,6 +286,8 @@ async def serve(
     await relay.stop(drain_seconds)  # the watchdog keeps ticking through the drain
     stop_heartbeat()
     trimmer.stop()
+    if lag is not None:
+        lag.stop()
     announcer.close()
     observability.close()  # after the drain: the audit records every association's end
     log_event(log, logging.INFO, "stopped")
