@@ -188,7 +188,7 @@ def test_check_warns_of_a_crl_near_its_next_update_and_still_passes(
     path = tmp_path / "rules.yaml"
     path.write_text(with_crl(rules(pki, 11112, listener_tls=True), pki, crl))
     result = dicomfw("check", "--config", path)
-    assert result.returncode == 0 and result.stdout.endswith(f"{path}: OK\n")
+    assert result.returncode == 0 and result.stdout.endswith(f"{path}: OK (1 warning(s))\n")
     assert result.stderr == (
         f"warning: {crl}: listeners.front.tls.crl: next update due on {crl_next_update(crl)} UTC:"
         " renew it (dicomfw certs crl) and reload before then, or the listener refuses every"
@@ -207,7 +207,7 @@ def test_a_self_signed_server_certificate_from_openssl_req_still_loads(
     cert, key = tmp_path / "self.pem", tmp_path / "self.key"
     subprocess.run(
         [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-         "-nodes", "-keyout", str(key), "-out", str(cert), "-subj", "/CN=fw", "-days", "30"],
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-subj", "/CN=fw", "-days", "90"],
         capture_output=True, timeout=60, check=True,
     )  # fmt: skip
     text = rules(pki, 11112, listener_tls=True)
