@@ -121,9 +121,18 @@ Observer = Callable[[AssociationInfo, "Event | Refused"], None]
 
 class LimitStore(Protocol):
     """Where the association limits and per-peer request rates of every instance are kept
-    (``Limiter(shared=True)``): one atomic decision per query."""
+    (``Limiter(shared=True)``): one atomic decision per query. An association it admitted
+    holds its slots until ``release`` (called once the connection is gone, however it ended)."""
 
     async def decide(self, query: LimitQuery, gate: Gate) -> Reject | Refuse | Delay | None: ...
+
+    def release(self, gate: Gate) -> None: ...
+
+    @property
+    def accepting(self) -> bool:
+        """False while every new association would be refused (the store cannot answer and
+        the rules say ``fail: closed``): a load balancer should send them elsewhere."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -508,6 +517,8 @@ class Association(asyncio.Protocol):
         if self._wakeup is not None:
             self._wakeup.cancel()
         self._gate.release()
+        if self._relay.limit_store is not None:
+            self._relay.limit_store.release(self._gate)
         self._relay.associations.discard(self)
 
     def _spawn(self, coroutine: Any) -> None:
