@@ -1,9 +1,10 @@
 """The settings for running several instances: ``limits.store`` with its ``redis`` section,
 ``limits.drain_notice_seconds`` and ``instance``: what a valid file means, each mistake at its
-``file:line: key``."""
+``file:line: key``, and which of them a reload cannot apply."""
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from dicomfw.config.load import load_config
 from dicomfw.config.model import RedisStore
 from dicomfw.errors import ConfigErrors
+from dicomfw.observe.observability import warn_restart_needed
 
 BASE = """\
 listeners:
@@ -178,3 +180,13 @@ def test_store_redis_without_the_redis_package_says_how_to_install_it(
         "pip install 'dicomfw[redis]'"
     ]
 
+
+def test_a_reload_says_the_store_and_the_instance_name_need_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    before = load(tmp_path, "limits: {store: redis, redis: {url: redis://r}}")
+    after = load(tmp_path, "instance: other\nlimits: {store: redis, redis: {url: redis://s}}")
+    caplog.set_level(logging.WARNING)
+    warn_restart_needed(before, after)  # type: ignore[arg-type]
+    [record] = caplog.records
+    assert "sections=instance,limits.store" in record.getMessage()
