@@ -58,8 +58,8 @@ class Observability:
             for sink in sinks:
                 sink.close(1.0)
             raise
-        # What /ready and /live answer, when this process serves them (not a worker's).
-        self.health: Health | None = None if self.server is None else self.server.health
+        # What /ready and /live answer when this process serves metrics (not in a worker).
+        self.health = Health() if self.server is None else self.server.health
         if sinks:
             self.audit = AuditTrail(sinks)
             self.audit.configure(config)
