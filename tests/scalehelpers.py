@@ -136,7 +136,9 @@ def make_instance(
     fail: str = "open",
     proxied: bool = True,
     notice: float = 1,
+    extra: str = "",
 ) -> Instance:
+    """An instance's rules (``extra`` appended), not started yet."""
     port, metrics_port = free_port(), free_port()
     rules = directory / f"{name}.yaml"
     rules.write_text(
@@ -151,6 +153,7 @@ def make_instance(
             notice=notice,
             metrics=metrics_port,
         )
+        + extra
     )
     return Instance(name, rules, port, metrics_port, directory / f"{name}.log")
 

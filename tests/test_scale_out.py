@@ -271,6 +271,35 @@ def test_redis_down_fail_closed_refuses_with_the_transient_rejection_and_is_not_
             instance.stop()
 
 
+def test_with_workers_each_talks_to_the_store_and_the_supervisor_reports_readiness(
+    tmp_path: Path,
+) -> None:
+    with running_redis(tmp_path) as redis, running_scp() as pacs:
+        instance = make_instance(
+            tmp_path, "workers", pacs.port, redis.url, "closed", False, extra="workers: 2\n"
+        )
+        instance.start()
+        try:
+            wait_until(lambda: instance.status("/ready") == 200, "ready")
+            held = [_direct(instance, f"127.0.12.{n}") for n in range(1, 5)]
+            try:  # whichever workers took them, the cap of 4 holds for both
+                assert first_pdu_from("127.0.12.5", instance.port, _rq()) == LOCAL_LIMIT_RJ
+            finally:
+                released(held)
+            redis.stop()
+            assert first_pdu_from("127.0.12.6", instance.port, _rq()) == LOCAL_LIMIT_RJ
+            wait_until(lambda: instance.status("/ready") == 503, "unready: a store is down")
+            redis.start()
+            wait_until(lambda: instance.status("/ready") == 200, "ready again")
+            instance.terminate()
+            wait_until(lambda: instance.status("/ready") == 503, "unready once draining")
+            assert _connects(instance.port)  # the notice: the ports are still open
+            wait_until(lambda: not _connects(instance.port), "the ports closed")
+            assert instance.process is not None and instance.process.wait(WAIT) == 0
+        finally:
+            instance.stop()
+
+
 def _rq() -> bytes:
     return associate_rq("CT01", "PACS")
 
