@@ -39,7 +39,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from dicomfw.config.model import Config, RedisStore
 from dicomfw.core.policy import (
@@ -69,6 +69,9 @@ log = logging.getLogger("dicomfw.limitstore")
 
 #: While the store is down, how often Redis is asked whether it is back.
 PROBE_SECONDS: Final = 1.0
+#: Slots of associations that ended are given back together, this long after the first: one
+#: script for many (each call costs the relay ~0.1 ms of CPU), a slot counted 50 ms too long.
+RELEASE_BATCH_SECONDS: Final = 0.05
 #: What a failed call to Redis raises: its own errors, the socket's, and our timeout.
 _FAILURES: Final = (RedisError, OSError, TimeoutError)
 _TLS_VERSIONS: Final = {"TLSv1.2": ssl.TLSVersion.TLSv1_2, "TLSv1.3": ssl.TLSVersion.TLSv1_3}
@@ -260,11 +263,24 @@ class RedisLimitStore:
             return None
         try:
             async with asyncio.timeout(self._timeout):
-                reply: list[bytes] = await script(keys=keys, args=args)
+                reply: list[bytes] = await self._run(script, keys, args)
         except _FAILURES as error:
             self._went_down(error)
             return None
         return reply
+
+    async def _run(
+        self, script: AsyncScript, keys: Sequence[str], args: Sequence[str | int | float]
+    ) -> Any:
+        """EVALSHA, loading the script when Redis does not have it (it restarted). Called
+        directly rather than through ``AsyncScript``: a third less CPU per call."""
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        execute = self._redis.execute_command  # untyped in redis-py: the reply is the script's
+        try:
+            return await execute(*command)  # type: ignore[no-untyped-call]
+        except NoScriptError:
+            await self._redis.script_load(script.script)
+            return await execute(*command)  # type: ignore[no-untyped-call]
 
     # ---- leases --------------------------------------------------------------------------------
 
@@ -281,8 +297,7 @@ class RedisLimitStore:
             del self._leases[gate]
 
     def release(self, gate: Gate) -> None:
-        """The association of ``gate`` ended: its slots go back (in one script for every
-        association that ended in the same turn of the event loop)."""
+        """The association of ``gate`` ended: its slots go back (``RELEASE_BATCH_SECONDS``)."""
         lease = self._leases.pop(gate, None)
         if lease is None:
             return
@@ -298,6 +313,7 @@ class RedisLimitStore:
 
     async def _flush_soon(self) -> None:
         try:
+            await asyncio.sleep(RELEASE_BATCH_SECONDS)
             while self._releasing:  # more may end while one flush waits for Redis
                 await self._flush()
         finally:
@@ -312,7 +328,7 @@ class RedisLimitStore:
             members = [lease.member for lease in leases for _ in lease.keys]
             try:
                 async with asyncio.timeout(self._timeout):
-                    await self._release(keys=keys, args=members)
+                    await self._run(self._release, keys, members)
             except _FAILURES as error:
                 self._went_down(error)
 
@@ -325,7 +341,7 @@ class RedisLimitStore:
             args += [lease.member for lease in live for _ in lease.keys]
             try:
                 async with asyncio.timeout(max(self._timeout, PROBE_SECONDS)):
-                    await self._renew(keys=keys, args=args)
+                    await self._run(self._renew, keys, args)
             except _FAILURES as error:
                 self._went_down(error)
                 return False
