@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dicomfw.config.describe import describe
 from dicomfw.config.load import load_config
 from dicomfw.config.model import RedisStore
 from dicomfw.errors import ConfigErrors
@@ -190,3 +191,18 @@ def test_a_reload_says_the_store_and_the_instance_name_need_a_restart(
     warn_restart_needed(before, after)  # type: ignore[arg-type]
     [record] = caplog.records
     assert "sections=instance,limits.store" in record.getMessage()
+
+
+def test_check_shows_the_instance_the_notice_and_where_limits_are_counted(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        "instance: fw-a\nlimits: {drain_notice_seconds: 6, store: redis, redis: {url: redis://r}}",
+    )
+    text = describe(config)  # type: ignore[arg-type]
+    assert "Instance: fw-a\n" in text
+    assert "notice before the drain   6 s\n" in text
+    assert (
+        "limits counted            for all instances in Redis at redis://r (fail open, "
+        "timeout 100 ms, leases 15 s)\n"
+    ) in text
+    assert "limits counted            in each process\n" in describe(load(tmp_path, ""))  # type: ignore[arg-type]
