@@ -12,6 +12,7 @@ it bound for every worker, and takes the reports that would otherwise go to syst
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -268,6 +269,10 @@ def run(
 ) -> int:
     """Run the daemon on uvloop when it is installed (less CPU and memory per association)."""
     map_large_blocks()
+    # What the imports made (~50,000 objects: pydicom's dictionaries, pynetdicom, redis) lives
+    # as long as the process: out of the cyclic collector's sight, a full collection takes
+    # under 1 ms instead of ~10-27 ms, a pause every association in flight would wait out.
+    gc.freeze()
     try:
         import uvloop
     except ImportError:
