@@ -9,10 +9,10 @@ HAProxy deliver next to one.
     association rates and caps per address and per peer and per-peer rates for C-FIND and
     C-MOVE (a C-STORE does not wait for the store); "site + C-STORE rate" adds a per-peer
     C-STORE rate, so each image also waits for the store's answer.
-(2) The same associations from several clients at once, aggregate associations/s: one
-    instance direct, one instance behind HAProxy, two instances behind HAProxy (the
-    repository's deploy/haproxy/haproxy.cfg with loopback addresses), every instance with
-    the "site" limits in Redis. Paired rounds, medians.
+(2) The same associations from several clients at once (to `storescp --fork`), aggregate
+    associations/s: one instance direct, one instance behind HAProxy, two instances behind
+    HAProxy (the repository's deploy/haproxy/haproxy.cfg with loopback addresses), every
+    instance with the "site" limits in Redis. Paired rounds, medians.
 
 Plain in, plain out (DCMTK's storescp --ignore), so the firewall's own work is not hidden
 behind TLS handshakes. Needs /usr/bin/storescp (dcmtk), redis-server and /usr/sbin/haproxy.
@@ -147,15 +147,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             stack.callback(svc.stop)
             return svc.start()
 
-        def dicomfw(name: str, shared: bool, rate: str = "", proxied: bool = False) -> Service:
+        def dicomfw(
+            name: str, shared: bool, rate: str = "", proxied: bool = False, pacs: int = 0
+        ) -> Service:
             port = free_port()
             rules = work / f"{name}.yaml"
             store = STORE.format(port=redis.port) if shared else ""
             proxy = PROXIED if proxied else ""
             rules.write_text(
                 RULES.format(
-                    name=name, port=port, proxy=proxy, upstream=scp.port, store_rate=rate,
-                    store=store,
+                    name=name, port=port, proxy=proxy, upstream=pacs or scp.port,
+                    store_rate=rate, store=store,
                 )
             )  # fmt: skip
             argv = [PYTHON, "-m", "dicomfw.cli", "run", "--config", str(rules), "--log-level",
@@ -188,9 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         paired(args.rounds, [" / ".join(key) for key in ways], one_run)
         sys.stdout.write(_store_table(ways, args.rounds, args.count))
 
-        # (2) aggregate: one instance direct, one and two behind HAProxy
-        behind = [dicomfw(f"behind{n}", True, proxied=True) for n in (1, 2)]
-        targets = {"1 instance, direct": ways["site", "redis"].daemon.port}
+        # (2) aggregate: one instance direct, one and two behind HAProxy, in front of a
+        # storescp that takes associations at once (a process each)
+        fork_port = free_port()
+        fork = service("storescp-fork", [STORESCP, "--fork", "--ignore", str(fork_port)], fork_port)
+        behind = [dicomfw(f"behind{n}", True, proxied=True, pacs=fork.port) for n in (1, 2)]
+        targets = {"1 instance, direct": dicomfw("direct", True, pacs=fork.port).port}
         for count in (1, 2):
             port = free_port()
             servers = [b.port for b in behind[:count]]
