@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fixtures import make_ct_files
-from procs import DCMTK_ENV, Service, cpu_seconds, free_port, live_threads_cpu_seconds
+from procs import Service, cpu_seconds, free_port, live_threads_cpu_seconds, service_starter
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -142,10 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-scale-")))
 
-        def service(name: str, argv: list[str], port: int) -> Service:
-            svc = Service(name, argv, port, work / f"{name}.log", dict(DCMTK_ENV))
-            stack.callback(svc.stop)
-            return svc.start()
+        service = service_starter(stack, work)
 
         def dicomfw(
             name: str, shared: bool, rate: str = "", proxied: bool = False, pacs: int = 0

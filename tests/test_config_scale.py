@@ -12,31 +12,9 @@ from pathlib import Path
 import pytest
 
 from dicomfw.config.describe import describe
-from dicomfw.config.load import load_config
 from dicomfw.config.model import RedisStore
-from dicomfw.errors import ConfigErrors
 from dicomfw.observe.observability import warn_restart_needed
-
-BASE = """\
-listeners:
-  - {name: modalities, bind: "0.0.0.0:11112"}
-upstreams:
-  pacs: {host: pacs.example, port: 104}
-peers:
-  - {ae_title: CT01, networks: [10.1.2.0/24]}
-routes:
-  - {listener: modalities, called_ae: PACS, upstream: pacs, allow: [{services: [C-ECHO]}]}
-"""
-#  line 9: what each test adds
-
-
-def load(tmp_path: Path, text: str) -> list[str] | object:
-    path = tmp_path / "rules.yaml"
-    path.write_text(BASE + text)
-    try:
-        return load_config(path)
-    except ConfigErrors as errors:
-        return [str(error).removeprefix(f"{path}:") for error in errors.errors]
+from tests.test_config_observability import load  # its rules leave line 9 on for the test's
 
 
 def test_a_redis_store_with_every_setting(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from tests.scalehelpers import (
     running_haproxy,
     wait_until,
 )
+from tests.test_drain import refused as port_closed
 
 pytestmark = [
     needs_redis,
@@ -232,7 +233,7 @@ def test_drain_takes_an_instance_out_of_the_balancer_before_its_listener_closes(
         association = site.associate(f"127.0.10.{number + 1}", "RATED")
         assert echo_ok(association)
         association.release()
-    wait_until(lambda: not _connects(leaving.port), "the drained listener closed")
+    wait_until(lambda: port_closed(leaving.port), "the drained listener closed")
     assert all(echo_ok(a) for a in held)  # the association in flight completes
     released(held)
     assert leaving.process is not None and leaving.process.wait(WAIT) == 0
@@ -293,8 +294,8 @@ def test_with_workers_each_talks_to_the_store_and_the_supervisor_reports_readine
             wait_until(lambda: instance.status("/ready") == 200, "ready again")
             instance.terminate()
             wait_until(lambda: instance.status("/ready") == 503, "unready once draining")
-            assert _connects(instance.port)  # the notice: the ports are still open
-            wait_until(lambda: not _connects(instance.port), "the ports closed")
+            assert not port_closed(instance.port)  # the notice: the ports are still open
+            wait_until(lambda: port_closed(instance.port), "the ports closed")
             assert instance.process is not None and instance.process.wait(WAIT) == 0
         finally:
             instance.stop()
@@ -310,11 +311,3 @@ def _direct(instance: Instance, source: str) -> Association:
     )
     assert association.is_established
     return association
-
-
-def _connects(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), 1.0).close()
-    except ConnectionRefusedError:
-        return False
-    return True
