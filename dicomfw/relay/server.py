@@ -447,6 +447,10 @@ class Association(asyncio.Protocol):
                     tls = (
                         self._upstream_tls if command.side is Side.UPSTREAM else self._requester_tls
                     )
+                    if not tls and len(command.data) > 1:
+                        # e.g. a held message let go: its PDUs in one writev, not one send each
+                        transport.writelines(command.data)
+                        continue
                     for buffer in command.data:
                         if tls and len(buffer) > TLS_WRITE_BYTES:
                             _write_in_pieces(transport, buffer, TLS_WRITE_BYTES)
