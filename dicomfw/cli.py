@@ -11,15 +11,18 @@ from pathlib import Path
 
 from dicomfw import __version__, logsetup
 from dicomfw.config.describe import describe
+from dicomfw.config.load import load_config
 from dicomfw.errors import ConfigErrors
 from dicomfw.pki import cli as pki_cli
 
 
-def _config_errors(errors: ConfigErrors) -> int:
+def _config_errors(
+    errors: ConfigErrors, status: int = 1, outcome: str = "nothing was started"
+) -> int:
     for error in errors.errors:
         sys.stderr.write(f"{error}\n")
-    sys.stderr.write(f"dicomfw: {len(errors.errors)} error(s); nothing was started\n")
-    return 1
+    sys.stderr.write(f"dicomfw: {len(errors.errors)} error(s); {outcome}\n")
+    return status
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -41,14 +44,147 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from dicomfw.service.daemon import load_runtime
+    """Exit status 1 on an error, or on a warning with ``--strict``."""
+    from dicomfw.admin import lint
+    from dicomfw.admin.locate import Locator
+    from dicomfw.service.daemon import expiring_crls, load_runtime
 
+    if (args.config is None) == (args.diff is None):
+        sys.stderr.write("dicomfw check: give --config FILE, or --diff OLD NEW\n")
+        return 2
+    if args.diff is not None:
+        return _check_diff(*args.diff)
+    runtime = None
     try:
-        runtime = load_runtime(args.config)
+        if args.syntax_only:
+            config = load_config(args.config, check_files=False)
+        else:
+            runtime = load_runtime(args.config)
+            config = runtime.config
     except ConfigErrors as errors:
         return _config_errors(errors)
-    sys.stdout.write(describe(runtime.config))
-    sys.stdout.write(f"\n{args.config}: OK\n")
+    sys.stdout.write(describe(config))
+    warnings = [
+        str(w) for w in lint.findings(config, Locator(args.config), files=not args.syntax_only)
+    ]
+    if runtime is not None:
+        for listener, crl, due in expiring_crls(runtime):  # what the daemon warns of, too
+            warnings.append(
+                f"warning: {crl}: listeners.{listener}.tls.crl: next update due on"
+                f" {due:%Y-%m-%d %H:%M} UTC: renew it (dicomfw certs crl) and reload before"
+                " then, or the listener refuses every client certificate"
+            )
+    for warning in warnings:
+        sys.stderr.write(f"{warning}\n")
+    counted = f" ({len(warnings)} warning(s))" if warnings else ""
+    sys.stdout.write(f"\n{args.config}: OK{counted}\n")
+    return 1 if warnings and args.strict else 0
+
+
+def _check_diff(old: Path, new: Path) -> int:
+    from dicomfw.admin import changes
+    from dicomfw.admin.locate import Locator
+
+    try:
+        rules = [(load_config(path, check_files=False), Locator(path)) for path in (old, new)]
+    except ConfigErrors as errors:
+        return _config_errors(errors, outcome="nothing was compared")
+    allowed, refused = changes.diff(*rules)
+    sys.stdout.write(changes.render(str(old), str(new), allowed, refused))
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Exit status 0: allowed; 1: refused (or let through by monitor mode only); 2: bad input."""
+    from dicomfw.admin import explain
+    from dicomfw.admin.locate import Locator
+    from dicomfw.admin.records import BadRecord, attempt_of, parse_line
+
+    try:
+        config = load_config(args.config, check_files=False)
+    except ConfigErrors as errors:
+        return _config_errors(errors, 2, "nothing was explained")
+    locator = Locator(args.config)
+    described = (args.listener, args.source, args.calling, args.called)
+    if (args.event is None) == (None in described):
+        sys.stderr.write(
+            "dicomfw explain: give --event, or --listener, --from, --calling and --called\n"
+        )
+        return 2
+    status = 0
+    try:
+        if args.event is None:
+            identity = None if args.cert is None else explain.identity_from_pem(args.cert)
+            attempt = explain.attempt_from_arguments(
+                *described, identity, args.context, args.request
+            )
+            attempts = [attempt]
+        else:
+            lines = sys.stdin.read().splitlines() if args.event == "-" else [args.event]
+            attempts = [attempt_of(parse_line(line)) for line in lines if line.strip()]
+        answers = [explain.explain(config, locator, attempt) for attempt in attempts]
+    except (BadRecord, explain.BadInput) as error:
+        sys.stderr.write(f"dicomfw explain: {error}\n")
+        return 2
+    for number, answer in enumerate(answers):
+        sys.stdout.write(("\n" if number else "") + explain.render(answer))
+        status = max(status, 0 if answer.allowed else 1)
+    return status
+
+
+def cmd_learn(args: argparse.Namespace) -> int:
+    """Exit status 0: written (or compared); 1: the rules are invalid; 2: bad input."""
+    from dicomfw.admin import learn
+    from dicomfw.admin.locate import Locator
+    from dicomfw.admin.records import moment
+
+    problem = ""
+    if args.out is None and args.diff is None:
+        problem = "give --out FILE (with --base RULES), --diff CURRENT, or both"
+    elif args.out is not None and args.base is None:
+        problem = "--out needs --base: the rules to take listeners and upstreams from"
+    elif not (0 <= args.widen_ipv4 <= 32 and 0 <= args.widen_ipv6 <= 128):
+        problem = "--widen-ipv4 is 0 to 32 bits, --widen-ipv6 0 to 128"
+    try:
+        since = moment(args.since) if args.since else None
+        learned = learn.learn(args.audit, since) if not problem else None
+    except ValueError as error:
+        problem = f"--since: {error}"
+    except OSError as error:
+        problem = f"cannot read the audit trail: {error}"
+    if problem or learned is None:
+        sys.stderr.write(f"dicomfw learn: {problem}\n")
+        return 2
+    for line in learn.report(learned):
+        sys.stderr.write(f"{line}\n")
+    if args.out is not None and not learned.records:
+        sys.stderr.write("dicomfw learn: no association to learn from; nothing was written\n")
+        return 1
+    try:
+        if args.out is not None:
+            base = load_config(args.base, check_files=False)
+            options = learn.Options(args.widen_ipv4, args.widen_ipv6, args.mode)
+            args.out.write_text(learn.rules_file(learned, args.base, base, options))
+            for caution in learn.cautions(learned, base, args.base, args.out, options):
+                sys.stderr.write(f"note: {caution}\n")
+            written = load_config(args.out, check_files=False)
+            sys.stderr.write(
+                f"{args.out}: {len(written.policy.peers)} peers, {len(written.policy.routes)} "
+                f"routes, from {len(learned.records)} associations; next: dicomfw check "
+                f"--config {args.out}\n"
+            )
+        if args.diff is not None:
+            current = load_config(args.diff, check_files=False)
+            sys.stdout.write(learn.compare(learned, current, Locator(args.diff)))
+    except ConfigErrors as errors:
+        return _config_errors(errors, outcome="nothing was learned")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from dicomfw.admin import schema
+
+    sys.stdout.write(schema.shipped())
     return 0
 
 
@@ -91,9 +227,115 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--pid-file", type=Path, help="write the process ID here (for `reload`)")
     run.set_defaults(func=cmd_run)
 
-    check = commands.add_parser("check", help="validate a rules file and show what it means")
-    check.add_argument("--config", "-c", type=Path, required=True)
+    check = commands.add_parser(
+        "check",
+        help="validate a rules file, show what it means and warn about likely mistakes; or "
+        "compare two (--diff)",
+    )
+    check.add_argument("--config", "-c", type=Path)
+    check.add_argument(
+        "--syntax-only",
+        action="store_true",
+        help="check the rules without opening the certificate, key and CRL files they name",
+    )
+    check.add_argument("--strict", action="store_true", help="exit status 1 on warnings too")
+    check.add_argument(
+        "--diff",
+        nargs=2,
+        type=Path,
+        metavar=("OLD", "NEW"),
+        help="instead: what NEW newly allows and newly refuses compared with OLD",
+    )
     check.set_defaults(func=cmd_check)
+
+    explain = commands.add_parser(
+        "explain",
+        help="what the rules decide about one association or audit event, why, and what to "
+        "change (exit 0 allowed, 1 refused, 2 bad input)",
+    )
+    explain.add_argument("--config", "-c", type=Path, required=True, help="rules file (YAML)")
+    explain.add_argument(
+        "--event",
+        metavar="JSON",
+        help='an audit record (a line of the audit file), or "-": records on stdin, one a line',
+    )
+    explain.add_argument("--listener", metavar="NAME")
+    explain.add_argument("--from", dest="source", metavar="ADDRESS", help="source IP address")
+    explain.add_argument("--calling", metavar="AE", help="calling AE title")
+    explain.add_argument("--called", metavar="AE", help="called AE title")
+    explain.add_argument(
+        "--cert", type=Path, metavar="FILE", help="the client certificate it presents (PEM)"
+    )
+    explain.add_argument(
+        "--context",
+        action="append",
+        default=[],
+        metavar="SOPCLASS[:TS[,TS]]",
+        help="a proposed presentation context (default transfer syntaxes: Implicit and "
+        "Explicit VR Little Endian); repeat for more",
+    )
+    explain.add_argument(
+        "--request",
+        action="append",
+        default=[],
+        metavar="SERVICE:SOPCLASS[:DEST]",
+        help="a request, e.g. C-STORE:CTImageStorage or C-MOVE:StudyRootQueryRetrieve"
+        "InformationModelMove:WS1; repeat for more",
+    )
+    explain.set_defaults(func=cmd_explain)
+
+    learn = commands.add_parser(
+        "learn",
+        help="write the least-privilege rules that would have allowed what the audit trail "
+        "shows (e.g. of a monitor-mode period), or compare it with the current rules",
+    )
+    learn.add_argument(
+        "--audit",
+        type=Path,
+        nargs="+",
+        required=True,
+        metavar="FILE",
+        help="audit files (JSON lines)",
+    )
+    learn.add_argument(
+        "--since", metavar="TIME", help="only records from then on (ISO 8601; UTC if no offset)"
+    )
+    learn.add_argument(
+        "--base",
+        type=Path,
+        metavar="RULES",
+        help="the current rules: listeners, upstreams and the other sections are copied from them",
+    )
+    learn.add_argument("--out", type=Path, metavar="FILE", help="where to write the learned rules")
+    learn.add_argument(
+        "--widen-ipv4",
+        type=int,
+        default=32,
+        metavar="BITS",
+        help="widen learned IPv4 addresses to networks of this many bits (32: each address)",
+    )
+    learn.add_argument(
+        "--widen-ipv6", type=int, default=64, metavar="BITS", help="the same for IPv6 (default 64)"
+    )
+    learn.add_argument(
+        "--mode",
+        choices=["enforce", "monitor"],
+        default="enforce",
+        help="mode: of the learned file (enforce)",
+    )
+    learn.add_argument(
+        "--diff",
+        type=Path,
+        metavar="CURRENT",
+        help="list what CURRENT allows that was never used, and what was used that it refuses",
+    )
+    learn.set_defaults(func=cmd_learn)
+
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of the rules file (for editors: yaml-language-server)",
+    )
+    schema.set_defaults(func=cmd_schema)
 
     reload = commands.add_parser("reload", help="make a running daemon re-read rules and certs")
     target = reload.add_mutually_exclusive_group(required=True)

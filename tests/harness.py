@@ -206,9 +206,11 @@ def running_scp(
     find_results: int = 2,
     drop_on_echo: bool = False,
     store_status: int = 0x0000,
+    transfer_syntaxes: tuple[str, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian),
 ) -> Iterator[Scp]:
     """``drop_on_echo``: on a C-ECHO, close the TCP connection instead of answering (a PACS
-    that crashes mid-association). ``store_status``: what every C-STORE is answered with."""
+    that crashes mid-association). ``store_status``: what every C-STORE is answered with.
+    ``transfer_syntaxes``: what its contexts accept (an archive takes compressed ones too)."""
     stored: list[bytes] = []
     requests: list[str] = []
 
@@ -256,7 +258,7 @@ def running_scp(
     ae.acse_timeout = WAIT
     ae.dimse_timeout = WAIT
     for uid in sop_classes:
-        ae.add_supported_context(uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+        ae.add_supported_context(uid, list(transfer_syntaxes))
     for uid in (CT, MR):
         ae.add_supported_context(
             uid, [ExplicitVRLittleEndian, ImplicitVRLittleEndian], scu_role=True, scp_role=True

@@ -8,6 +8,7 @@ import contextlib
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -45,6 +46,24 @@ def installed_dicomfw() -> str:
     found = str(beside_python) if beside_python.exists() else shutil.which("dicomfw")
     assert found is not None, "the dicomfw console script is not installed"
     return found
+
+
+def dicomfw(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``dicomfw ARGS…`` as an admin runs it; its exit status, output and errors."""
+    return subprocess.run(
+        [installed_dicomfw(), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def cli(*args: str | Path) -> str:
+    """``dicomfw ARGS…``, which must succeed: its output."""
+    result = dicomfw(*args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 class NotifySocket:

@@ -20,7 +20,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dicomfw.pki import certs
-from dicomfw.pki.cli import check_paths, register
+from dicomfw.pki.checks import check_paths
+from dicomfw.pki.cli import register
+from tests.pkihelpers import stale_crl
 
 TIMEOUT = 3.0
 
@@ -234,7 +236,9 @@ def test_install_with_a_mismatched_key_fails_and_leaves_dest_untouched(
         "--dest-cert", dest_cert, "--dest-key", dest_key,
     )  # fmt: skip
     assert status == 2
-    assert err.startswith(f"dicomfw certs: {site.server.key}: private key does not match")
+    assert err.startswith(
+        f"dicomfw certs: {site.server.key}: does not belong to the certificate {site.client.cert}"
+    )
     assert (dest_cert.read_bytes(), dest_key.read_bytes()) == before
     assert sorted(p.name for p in dest_cert.parent.iterdir()) == ["fw.key", "fw.pem"]
 
@@ -536,3 +540,106 @@ def test_a_revoked_client_certificate_is_refused(site: Site, tmp_path: Path) -> 
     result = handshake(server, client, "localhost")
     assert isinstance(result.server_error, ssl.SSLCertVerificationError)
     assert "revoked" in str(result.server_error)
+
+
+# --- CRLs as files an admin reads, checks and renews --------------------------------------------
+
+
+def test_show_reads_a_crl(site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    crl = tmp_path / "ca.crl"
+    certs.revoke(site.ca_dir, site.client.cert, crl)
+    [revoked] = certs.inspect(site.client.cert)
+    status, text, err = run(capsys, "show", crl, "--ca", site.ca)
+    assert (status, err) == (0, "")
+    lines = text.splitlines()
+    assert lines[:3] == [str(crl), "  CRL of      CN=dicomfw site CA", "  number      1"]
+    assert lines[3].startswith("  this update ")
+    assert lines[4].startswith("  next update ") and lines[4].endswith(" UTC (30 days left)")
+    assert lines[5:7] == ["  revoked     1 serial(s)", f"              {revoked.serial} (revoked"
+                          f" {lines[3].removeprefix('  this update ')})"]  # fmt: skip
+    assert lines[7] == "  signature   ok"
+    other = certs.init_ca(tmp_path / "other-ca").cert
+    assert run(capsys, "show", crl, "--ca", other)[1].endswith(
+        "  signature   FAILED: not by this CA\n"
+    )
+
+
+def test_check_fails_on_an_expired_crl_and_warns_before_its_next_update(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stale = stale_crl(site.ca_dir, tmp_path / "stale.crl", days_ago=1.2)
+    status, text, _ = run(capsys, "check", stale)
+    assert status == 1
+    assert text.startswith(f"{stale}: CRL of CN=dicomfw site CA: EXPIRED on ")
+    assert text.endswith(
+        " UTC (1 day ago): a listener that loads it refuses every client certificate\n"
+    )
+    fresh = tmp_path / "fresh.crl"
+    assert run(capsys, "crl", "--ca", site.ca_dir, "--crl", fresh, "--days", "5")[0] == 0
+    status, text, _ = run(capsys, "check", fresh, site.client.cert)
+    assert status == 1  # 5 days is within the CRL window of 7
+    assert text.startswith(f"{fresh}: CRL of CN=dicomfw site CA: next update due on ")
+    assert text.endswith(
+        " UTC (5 days left): renew it (dicomfw certs crl) and reload before then\n"
+    )
+    status, text, _ = run(capsys, "check", fresh, site.client.cert, "--crl-warn-days", "4")
+    assert (status, text) == (
+        0, "OK: 1 certificate(s) and 1 CRL(s) in 2 file(s) valid for more than 30 days\n"
+    )  # fmt: skip
+
+
+def test_crl_renewal_keeps_what_it_lists_and_moves_its_next_update(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    crl = tmp_path / "ca.crl"
+    status, text, _ = run(capsys, "crl", "--ca", site.ca_dir, "--crl", crl)  # none yet: empty
+    assert status == 0
+    assert text.startswith(f"wrote {crl}, CRL number 1 with 0 revoked serial(s), valid until ")
+    certs.revoke(site.ca_dir, site.client.cert, crl)
+    before = x509.load_pem_x509_crl(crl.read_bytes())
+    status, text, _ = run(capsys, "crl", "--ca", site.ca_dir, "--crl", crl, "--days", "60")
+    after = x509.load_pem_x509_crl(crl.read_bytes())
+    assert status == 0 and "CRL number 3 with 1 revoked serial(s)" in text
+    assert [e.serial_number for e in after] == [e.serial_number for e in before]
+    assert [e.revocation_date_utc for e in after] == [e.revocation_date_utc for e in before]
+    assert after.next_update_utc is not None and before.next_update_utc is not None
+    assert timedelta(days=29.9) < after.next_update_utc - before.next_update_utc < timedelta(30.1)
+    other = certs.init_ca(tmp_path / "other-ca").cert.parent
+    status, _, err = run(capsys, "crl", "--ca", other, "--crl", crl)
+    assert status == 2
+    assert err == f"dicomfw certs: {crl}: CRL was not signed by the CA in {other}\n"
+    assert x509.load_pem_x509_crl(crl.read_bytes()) == after
+
+
+def test_days_left_are_counted_as_an_admin_counts_them(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    short = certs.issue(site.ca_dir, "short", "client", site.out, days=3)
+    assert run(capsys, "show", short.cert)[1].splitlines()[9].endswith(" (3 days left)")
+    old = certs.issue(
+        site.ca_dir, "old", "client", site.out,
+        not_before=datetime.now(UTC) - timedelta(days=2), days=1,
+    )  # fmt: skip
+    status, text, _ = run(capsys, "check", old.cert)
+    assert status == 1 and text.endswith(" UTC (1 day ago)\n")
+
+
+def test_show_says_what_a_file_holds_when_it_is_no_certificate(
+    site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Never a parser's framing error: what the admin gave instead, and what to do."""
+    status, out, err = run(capsys, "show", site.server.key)
+    assert (status, out) == (2, "")
+    assert err == f"dicomfw certs: {site.server.key}: holds a private key, not a certificate\n"
+    pem = tmp_path / "ca.crl"
+    certs.revoke(site.ca_dir, site.client.cert, pem)
+    der = tmp_path / "ca.der"
+    der.write_bytes(
+        x509.load_pem_x509_crl(pem.read_bytes()).public_bytes(serialization.Encoding.DER)
+    )
+    status, _, err = run(capsys, "check", der)
+    assert status == 2
+    assert err == (
+        f"dicomfw certs: {der}: is a DER CRL; OpenSSL loads PEM: openssl crl -inform DER -in"
+        f" {der} -out {der}.pem\n"
+    )

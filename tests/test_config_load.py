@@ -389,8 +389,9 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             "routes:",
             "modus: enforce\nroutes:",
             [
-                "rules.yaml:9: modus: unknown key 'modus' (allowed: mode, listeners, upstreams, "
-                "peers, routes, limits, metrics, audit, workers, instance); did you mean 'mode'?",
+                "rules.yaml:9: modus: unknown key 'modus' (allowed: mode, validation, listeners, "
+                "upstreams, peers, routes, limits, metrics, audit, workers, instance); "
+                "did you mean 'mode'?",
             ],
             id="unknown top-level key",
         ),
@@ -632,8 +633,8 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             "unused:\n",
             [
                 "rules.yaml:1: missing required key 'routes'",
-                "rules.yaml:9: unused: unknown key 'unused' (allowed: mode, listeners, "
-                "upstreams, peers, routes, limits, metrics, audit, workers, instance)",
+                "rules.yaml:9: unused: unknown key 'unused' (allowed: mode, validation, "
+                "listeners, upstreams, peers, routes, limits, metrics, audit, workers, instance)",
             ],
             id="missing section",
         ),

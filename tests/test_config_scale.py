@@ -14,7 +14,7 @@ import pytest
 from dicomfw.config.describe import describe
 from dicomfw.config.model import RedisStore
 from dicomfw.observe.observability import warn_restart_needed
-from tests.test_config_observability import load  # its rules leave line 9 on for the test's
+from tests.test_config_observability import BASE, load  # lines from 9 on are the test's
 
 
 def test_a_redis_store_with_every_setting(tmp_path: Path) -> None:
@@ -184,3 +184,21 @@ def test_check_shows_the_instance_the_notice_and_where_limits_are_counted(tmp_pa
         "timeout 100 ms, leases 15 s)\n"
     ) in text
     assert "limits counted            in each process\n" in describe(load(tmp_path, ""))  # type: ignore[arg-type]
+
+
+def test_the_rules_schema_knows_the_store_and_what_goes_with_it() -> None:
+    """An editor using the shipped JSON Schema flags the same mistakes as the loader."""
+    from tests.test_admin_schema import schema_errors  # the schema validator of the admin tests
+    from tests.test_deploy import one
+
+    configmap_rules = one("ConfigMap", "dicomfw-rules")["data"]["rules.yaml"]
+    assert schema_errors(configmap_rules) == []
+    base = BASE + "instance: fw1\n"
+    assert schema_errors(base + "limits: {store: redis, redis: {url: redis://r}}") == []
+    assert schema_errors(base + "limits: {store: redis}") == ["'redis' is a required property"]
+    assert schema_errors(base + "limits: {redis: {url: redis://r}}") == [
+        "'store' is a required property"
+    ]
+    assert schema_errors(base + "limits: {store: redis, redis: {url: rediss://r}}") == [
+        "'tls' is a required property"
+    ]

@@ -22,6 +22,7 @@ from dicomfw.core.session import (
     AssociationRejected,
     Command,
     ConnectUpstream,
+    Send,
     Session,
     Side,
     Wakeup,
@@ -29,6 +30,7 @@ from dicomfw.core.session import (
 from tests.corehelpers import (
     Clock,
     abort_pdu,
+    associate_ac,
     associate_rq,
     c_echo_rsp,
     c_find_rsp,
@@ -36,6 +38,7 @@ from tests.corehelpers import (
     c_store_rsp,
     command_pdv,
     data_pdv,
+    decoded_rq,
     p_data,
     release_rp,
     release_rq,
@@ -121,6 +124,7 @@ class Run:
     clock: Clock
     ended: Command | None = None
     answers: list[list[Command]] = field(default_factory=list)
+    proposed: bytes = b""  # the A-ASSOCIATE-RQ the session sent upstream
 
     def check(self, commands: list[Command]) -> list[Command]:
         if self.ended is not None:
@@ -137,10 +141,23 @@ class Run:
     def feed(self, side: Side, piece: bytes) -> None:
         commands = self.check(self.session.receive(side, piece))
         if any(isinstance(c, ConnectUpstream) for c in commands):
-            self.check(self.session.upstream_connected())
+            connected = self.check(self.session.upstream_connected())
+            self.proposed = b"".join(
+                bytes(b) for c in connected if isinstance(c, Send) for b in c.data
+            )
         if any(isinstance(c, Wakeup) for c in commands):
             self.clock.now += 60.0
             self.check(self.session.wakeup())
+
+
+def honest_ac(proposed: bytes) -> bytes:
+    """What an honest upstream answers to the RQ it was sent: every context accepted with the
+    first transfer syntax proposed (decoded by pynetdicom, not by the code under test)."""
+    if not proposed:
+        return PACS_AC  # never sent upstream: whatever the upstream says is dropped
+    rq = decoded_rq(proposed)
+    results = [(c.context_id, 0, c.transfer_syntax[0]) for c in rq.presentation_context]
+    return associate_ac(rq.calling_ae_title, rq.called_ae_title, results)
 
 
 def new_run(data: st.DataObject) -> Run:
@@ -170,7 +187,7 @@ def test_any_input_ends_in_commands_or_one_abort_naming_the_hostile_side(
         data, mutated(data, rq) if hostile is REQUESTER and data.draw(st.booleans()) else rq
     ):
         run.feed(REQUESTER, piece)
-    ac = PACS_AC
+    ac = honest_ac(run.proposed)
     if hostile is UPSTREAM and data.draw(st.booleans()):
         ac = mutated(data, ac)
     requester = side_bytes(data, REQUESTER_MESSAGES, hostile is REQUESTER)

@@ -544,8 +544,20 @@ def test_upstream_lost_while_awaiting_the_ac_aborts_the_requester() -> None:
         Send(REQUESTER, [pdu.abort()]),
         Close(REQUESTER),
         Close(UPSTREAM),
-        AssociationEnded("closed", "upstream_closed_during_setup"),
+        AssociationEnded("aborted", "upstream_closed_during_setup"),  # what the requester got
     ]
+
+
+def test_a_connection_closed_without_a_byte_is_a_probe_and_one_with_bytes_is_not() -> None:
+    assert new_session().connection_lost(REQUESTER) == [
+        Close(REQUESTER),
+        AssociationEnded("probe", "closed_without_a_byte"),
+    ]
+    session = new_session()
+    session.receive(REQUESTER, associate_rq("CT01", "PACS", PACS_CONTEXTS)[:10])
+    assert session.connection_lost(REQUESTER)[-1] == AssociationEnded(
+        "closed", "requester_closed_during_setup"
+    )
 
 
 def test_artim_expiry_before_the_rq_closes_without_sending_anything() -> None:

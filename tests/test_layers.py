@@ -23,9 +23,10 @@ REPO = Path(__file__).resolve().parent.parent
 LAYERS = "Layers: __main__ -> cli -> demo"
 SERVICE = "Inside service: supervisor -> daemon -> heap | sdnotify"
 OBSERVE = "Inside observe: observability -> atna -> eventlog | metrics | audit"
-PKI = "Inside pki: cli -> certs"
+PKI = "Inside pki: cli -> checks -> certs"
+ADMIN = "Inside admin: learn -> explain | lint | changes | schema -> records | locate"
 SANS_IO = "The core is sans-IO"
-ALL = (LAYERS, SERVICE, OBSERVE, PKI, SANS_IO)
+ALL = (LAYERS, SERVICE, OBSERVE, PKI, ADMIN, SANS_IO)
 
 
 def lint_imports_command() -> str:
@@ -92,6 +93,13 @@ def test_the_unmodified_copy_keeps_every_contract(tmp_path: Path) -> None:
         ("observe/audit.py", "from dicomfw.observe import observability", {OBSERVE}),
         ("service/daemon.py", "import dicomfw.service.supervisor", {SERVICE}),
         ("pki/certs.py", "from dicomfw.pki import cli", {PKI}),
+        ("pki/certs.py", "from dicomfw.pki import checks", {PKI}),
+        # The admin tools read the rules; the rules never read the tools. demo and admin are
+        # siblings. Inside admin, reading a record knows nothing of what learns from it.
+        ("config/describe.py", "import dicomfw.admin.lint", {LAYERS}),
+        ("admin/explain.py", "import dicomfw.demo", {LAYERS}),
+        ("admin/records.py", "from dicomfw.admin import learn", {ADMIN}),
+        ("admin/lint.py", "from dicomfw.admin import explain", {ADMIN}),
         # The ground floor imports nothing of dicomfw's.
         ("errors.py", "import dicomfw.core.pdu", {LAYERS}),
     ],

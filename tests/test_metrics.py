@@ -103,7 +103,7 @@ def test_metrics_count_exactly_the_associations_refusals_and_requests_that_happe
         labels(route="secure/PACS", service="C-ECHO"): 1,
     }
     assert series(samples, "dicomfw_upstream_connect_failures_total") == {
-        labels(upstream="dead"): 1
+        labels(upstream="dead", cause="refused"): 1
     }
     assert value(samples, "dicomfw_active_associations") == 0
     assert value(samples, "dicomfw_association_duration_seconds_count") == mix.associations - 1

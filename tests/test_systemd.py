@@ -21,7 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
+from dicomfw.pki import certs
 from dicomfw.service.sdnotify import Notifier
 from tests.harness import (
     WAIT,
@@ -36,6 +38,10 @@ from tests.opshelpers import installed_dicomfw, notify_socket
 
 REPO = Path(__file__).resolve().parent.parent
 UNIT = REPO / "systemd" / "dicomfw.service"
+CRL_UNIT = REPO / "systemd" / "dicomfw-crl.service"
+CRL_TIMER = REPO / "systemd" / "dicomfw-crl.timer"
+SHIPPED_CA_DIR = "/root/dicomfw-ca"
+SHIPPED_CRL = "/etc/dicomfw/certs/ca.crl"
 SHIPPED_BINARY = "/opt/dicomfw/bin/dicomfw"
 SHIPPED_RULES = "/etc/dicomfw/rules.yaml"
 SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
@@ -44,8 +50,8 @@ needs_systemd_analyze = pytest.mark.skipif(
 )
 
 
-def unit_setting(key: str) -> str:
-    [value] = re.findall(rf"^{key}=(.*)$", UNIT.read_text(), flags=re.MULTILINE)
+def unit_setting(key: str, unit: Path = UNIT) -> str:
+    [value] = re.findall(rf"^{key}=(.*)$", unit.read_text(), flags=re.MULTILINE)
     return value
 
 
@@ -89,6 +95,63 @@ def test_the_units_sandbox_rates_an_exposure_of_at_most_2() -> None:
     found = re.search(r"Overall exposure level for dicomfw\.service: (\d+\.\d+)", result.stdout)
     assert found is not None, result.stdout + result.stderr
     assert float(found.group(1)) <= 2.0, result.stdout
+
+
+@needs_systemd_analyze
+def test_the_crl_timer_and_its_service_pass_systemd_analyze(tmp_path: Path) -> None:
+    assert SYSTEMD_ANALYZE is not None
+    for unit in (CRL_UNIT, CRL_TIMER):
+        text = unit.read_text().replace(SHIPPED_BINARY, installed_dicomfw())
+        (tmp_path / unit.name).write_text(text)
+    units = [str(tmp_path / unit.name) for unit in (CRL_UNIT, CRL_TIMER)]
+    verified = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", *units], capture_output=True, text=True, timeout=60
+    )
+    assert verified.returncode == 0, verified.stderr
+    assert (verified.stdout + verified.stderr).strip() == ""
+    security = subprocess.run(
+        [SYSTEMD_ANALYZE, "security", "--offline=true", units[0]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    found = re.search(
+        r"Overall exposure level for dicomfw-crl\.service: (\d+\.\d+)", security.stdout
+    )
+    assert found is not None, security.stdout + security.stderr
+    assert float(found.group(1)) <= 2.0, security.stdout
+
+
+def test_the_crl_units_renew_the_crl_daily_and_reload_the_daemon(tmp_path: Path) -> None:
+    """The service's own ExecStart line, pointed at a CA here, renews the CRL with what it
+    lists; then the running daemon is asked to reload; the timer runs it daily."""
+    ca_dir, crl = tmp_path / "ca", tmp_path / "ca.crl"
+    certs.init_ca(ca_dir)
+    lost = certs.issue(ca_dir, "lost", "client", tmp_path)
+    certs.revoke(ca_dir, lost.cert, crl, days=2)
+    before = x509.load_pem_x509_crl(crl.read_bytes())
+    exec_start = unit_setting("ExecStart", CRL_UNIT)
+    assert SHIPPED_CA_DIR in exec_start and SHIPPED_CRL in exec_start
+    command = shlex.split(
+        exec_start.replace(SHIPPED_BINARY, installed_dicomfw())
+        .replace(SHIPPED_CA_DIR, str(ca_dir))
+        .replace(SHIPPED_CRL, str(crl))
+    )
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    after = x509.load_pem_x509_crl(crl.read_bytes())
+    assert [e.serial_number for e in after] == [lost_serial(lost.cert)]
+    assert after.next_update_utc is not None and before.next_update_utc is not None
+    assert (after.next_update_utc - before.next_update_utc).days == 28  # 30 days, not 2
+    assert unit_setting("ExecStartPost", CRL_UNIT) == (
+        "+/bin/systemctl try-reload-or-restart dicomfw.service"
+    )
+    assert unit_setting("OnCalendar", CRL_TIMER) == "daily"
+    assert unit_setting("Persistent", CRL_TIMER) == "true"
+
+
+def lost_serial(path: Path) -> int:
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
 
 
 def test_the_unit_binds_port_104_with_one_capability_as_an_unprivileged_user() -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pydicom import datadict
+
 from dicomfw.config.model import ClientTLS, Config, Listener, RedisStore, ServerTLS, Upstream
 from dicomfw.core import uids
-from dicomfw.core.policy import AllowRule, CertificateIdentity, Peer, Route
+from dicomfw.core.policy import AllowRule, CertificateIdentity, ContentPolicy, Peer, Route
 from dicomfw.core.ratelimit import RateLimits
 
 __all__ = ["describe"]
@@ -170,9 +172,41 @@ def _route_details(route: Route) -> list[tuple[str, str]]:
         called = route.upstream_called_ae or "unchanged"
         calling = route.upstream_calling_ae or "unchanged"
         rows.append(("upstream sees", f"called AE {called}, calling AE {calling}"))
+    if route.mode != "enforce":
+        rows.append(("mode", f"{route.mode}: refuses nothing, reports what it would"))
     for number, rule in enumerate(route.allow, 1):
         rows += _allow_rows(f"allow {number}", rule)
+    rows.append(("content", _content(route.content)))
     return rows
+
+
+def _content(content: ContentPolicy | None) -> str:
+    """What a route checks in the data sets, in the rules file's words."""
+    if content is None:
+        return "not validated (command sets only)"
+    rules = content.rules
+    parts = ["safety checks" + (" and conformance checks" if rules.conformance else "")]
+    if content.monitor:
+        parts.append(f"monitor only {', '.join(sorted(content.monitor))}")
+    for label, tags in (("required", rules.required), ("refused", rules.refused)):
+        if tags:
+            parts.append(f"{label} {', '.join(_attribute_name(tag) for tag in sorted(tags))}")
+    if rules.allowed_values:
+        parts.append(
+            "allowed values of "
+            + ", ".join(_attribute_name(tag) for tag in sorted(rules.allowed_values))
+        )
+    if rules.universal_match_refused:
+        parts.append("no universal match on " + ", ".join(sorted(rules.universal_match_refused)))
+    if rules.max_instance_bytes is not None:
+        parts.append(f"instances up to {rules.max_instance_bytes} bytes")
+    if content.scan != "off":
+        parts.append(f"scan {content.scan}")
+    return "; ".join(parts)
+
+
+def _attribute_name(tag: int) -> str:
+    return datadict.keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})"
 
 
 def _allow_rows(label: str, rule: AllowRule) -> list[tuple[str, str]]:

@@ -28,6 +28,7 @@ from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
+from pydicom import datadict
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -40,16 +41,19 @@ from dicomfw.config.model import (
     Listener,
     MetricsEndpoint,
     RedisStore,
+    Scanner,
     ServerTLS,
     Upstream,
 )
 from dicomfw.core import uids
+from dicomfw.core.content import CHECKS, ContentRules
 from dicomfw.core.policy import (
     ENFORCE,
     MONITOR,
     SERVICE_COMMANDS,
     AllowRule,
     CertificateIdentity,
+    ContentPolicy,
     IPNetwork,
     Peer,
     Policy,
@@ -70,12 +74,13 @@ _TLS_VERSIONS: Final = {"1.2": "TLSv1.2", "1.3": "TLSv1.3"}
 _MAX_WORKERS: Final = 64
 
 
-def load_config(path: str | Path) -> Config:
+def load_config(path: str | Path, check_files: bool = True) -> Config:
     """Read and validate a rules file; raise ``ConfigErrors`` listing every problem found.
 
     Relative paths inside the file (certificates, keys, CRLs) are resolved against the rules
     file's directory and must name readable files, so a config that loads is one the daemon can
-    actually start with.
+    actually start with. ``check_files=False`` skips that (and the audit file's directory): to
+    check a file's syntax and rules on a machine that does not hold its certificates.
     """
     shown = str(path)
     source = Path(path).absolute()
@@ -86,7 +91,7 @@ def load_config(path: str | Path) -> Config:
     # The directory is resolved so that "../certs" means what the shell would take it to mean
     # even if the rules directory is a symlink; the files named in it are not resolved, so a
     # certificate symlink that is renewed in place keeps working.
-    loader = _Loader(shown, source.parent.resolve())
+    loader = _Loader(shown, source.parent.resolve(), check_files)
     config = loader.load(text, source)
     if loader.errors:
         raise ConfigErrors(sorted(loader.errors, key=lambda e: e.line or 0))
@@ -154,9 +159,10 @@ class _RouteKey:
 class _Loader:
     """One pass over one rules file; accumulates errors and the names later checks refer to."""
 
-    def __init__(self, file: str, base_dir: Path) -> None:
+    def __init__(self, file: str, base_dir: Path, check_files: bool = True) -> None:
         self.file = file
         self.base_dir = base_dir
+        self.check_files = check_files
         self.errors: list[ConfigError] = []
         # kind ("listener", "upstream", "peer", "route") -> name -> where it was defined. A kind
         # is absent while its section is unusable, so references to it are not also reported.
@@ -169,6 +175,9 @@ class _Loader:
         # takes its listener's, else the file's.
         self.site_mode = ENFORCE
         self.listener_modes: dict[str, str] = {}
+        # ``validation:`` of the file, as given: what a route's ``validate:`` starts from
+        self.site_validation: dict[str, Any] | None = None
+        self.scanner: Scanner | None = None  # ``validation.scanner``
         self._constructor = SafeConstructor()
 
     # -- reporting ---------------------------------------------------------------------------
@@ -249,6 +258,7 @@ class _Loader:
             limits=self.with_overrides(values.get("limits", Limits())),
             metrics=values.get("metrics"),
             audit=values.get("audit"),
+            scanner=values.get("validation", {}).get("scanner"),
             workers=values.get("workers", 1),
             **{key: values[key] for key in ("instance",) if key in values},
         )
@@ -487,6 +497,8 @@ def _file(ld: _Loader, at: _At) -> Path:
     """A file the daemon will need: resolved against the rules file's directory, and opened now
     so a missing or unreadable certificate stops the load, not the first TLS handshake."""
     path = Path(os.path.normpath(ld.base_dir / _string(ld, at)))
+    if not ld.check_files:
+        return path
     try:
         with path.open("rb"):
             pass
@@ -582,6 +594,127 @@ def _list_of(check: Check[T], non_empty: bool = True) -> Check[list[T]]:
         return ld.each(ld.sequence(at, non_empty), check)
 
     return check_list
+
+
+# -- content validation ----------------------------------------------------------------------
+
+
+def _attribute(ld: _Loader, at: _At) -> int:
+    """A data element by PS3.6 keyword (``PatientID``) or tag (``(0010,0020)``, ``00100020``)."""
+    text = _string(ld, at).strip()
+    tag = datadict.tag_for_keyword(text)
+    if tag is not None:
+        return int(tag)
+    digits = text.strip("()").replace(",", "")
+    if _TAG.fullmatch(digits):
+        return int(digits, 16)
+    close = difflib.get_close_matches(text, datadict.keyword_dict, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise _Invalid(f"{text!r} is neither a PS3.6 keyword nor a tag like (0010,0020){hint}")
+
+
+def _attribute_values(ld: _Loader, at: _At) -> dict[int, frozenset[str]]:
+    """``{Modality: [CT, MR]}``: the values an attribute may have."""
+    values: dict[int, frozenset[str]] = {}
+    failed = False
+    for _, key_at, value_at in ld.pairs(at, "a mapping of attribute to allowed values"):
+        try:
+            values[ld.run(_attribute, key_at)] = frozenset(ld.run(_list_of(_string), value_at))
+        except _Invalid:
+            failed = True
+    if failed:
+        raise _Invalid()
+    return values
+
+
+def _universal_match(ld: _Loader, at: _At) -> dict[str, frozenset[int]]:
+    """``{PATIENT: [PatientID, PatientName]}``: keys a C-FIND may not match universally."""
+    refused: dict[str, frozenset[int]] = {}
+    failed = False
+    for level, key_at, value_at in ld.pairs(at, "a mapping of query level to keys"):
+        if level not in _QUERY_LEVELS:
+            ld.error(key_at, f"unknown query level {level!r} (one of {', '.join(_QUERY_LEVELS)})")
+            failed = True
+            continue
+        try:
+            refused[level] = frozenset(ld.run(_list_of(_attribute), value_at))
+        except _Invalid:
+            failed = True
+    if failed:
+        raise _Invalid()
+    return refused
+
+
+def _check_name(ld: _Loader, at: _At) -> str:
+    name = _string(ld, at)
+    if name not in CHECKS:
+        close = difflib.get_close_matches(name, CHECKS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise _Invalid(f"unknown check {name!r}{hint}")
+    return name
+
+
+def _site_validation(ld: _Loader, at: _At) -> dict[str, Any]:
+    """``validation:``: what every route checks unless its ``validate:`` says otherwise."""
+    found = ld.fields(at, _SITE_VALIDATION)
+    found.require_ok()
+    ld.site_validation = {k: v for k, v in found.values.items() if k != "scanner"}
+    ld.scanner = found.values.get("scanner")
+    return found.values
+
+
+def _route_validation(ld: _Loader, at: _At) -> bool | dict[str, Any]:
+    """A route's ``validate:``: false (none), true (the file's ``validation:``), or keys that
+    override the file's."""
+    value = ld.scalar(at)
+    if isinstance(value, bool):
+        return value
+    found = ld.fields(at, _VALIDATION, what="true, false or a mapping of validation settings")
+    found.require_ok()
+    return found.values
+
+
+def _content_policy(scanner: Scanner | None, values: dict[str, Any]) -> ContentPolicy:
+    """The rules of ``dicomfw.core.content`` and the session's settings, from the merged keys."""
+    rules = ContentRules(
+        conformance=values.get("conformance", False),
+        max_depth=values.get("max_depth", 16),
+        max_elements=values.get("max_elements", 100_000),
+        max_instance_bytes=values.get("max_instance_bytes"),
+        required=tuple(values.get("required", ())),
+        allowed_values=values.get("allowed_values", {}),
+        refused=frozenset(values.get("refused_attributes", ())),
+        private_creators=_frozen(values.get("private_creators")),
+        universal_match_refused=values.get("universal_match", {}),
+        document_types=_frozen(values.get("document_types")),
+        active_content=values.get("active_content", "refuse") == "refuse",
+        executables=values.get("executables", "refuse") == "refuse",
+    )
+    return ContentPolicy(
+        rules=rules,
+        monitor=frozenset(values.get("monitor", ())),
+        hold_bytes=values.get("hold_bytes", 1_048_576),
+        scan=values.get("scan", "off"),
+        scan_max_bytes=scanner.max_bytes if scanner is not None else 64 * 1_048_576,
+        scan_fail=scanner.fail if scanner is not None else "open",
+    )
+
+
+def _scanner(ld: _Loader, at: _At) -> Scanner:
+    found = ld.fields(at, _SCANNER)
+    found.require_ok()
+    return Scanner(**found.values)
+
+
+def _scanner_address(ld: _Loader, at: _At) -> str:
+    """clamd's socket: ``unix:/run/clamav/clamd.ctl`` or ``HOST:PORT``."""
+    value = _string(ld, at)
+    if value.startswith("unix:") and len(value) > 5:
+        return value
+    host, _, port = value.rpartition(":")
+    if host and _is_host(host.strip("[]")) and port.isdigit() and 0 < int(port) < 65536:
+        return value
+    raise _Invalid(f"expected unix:/path/to/clamd.ctl or HOST:PORT, got {value!r}")
 
 
 # -- sections --------------------------------------------------------------------------------
@@ -736,6 +869,16 @@ def _route(ld: _Loader, at: _At) -> Route:
             hint = "; routes for the same listener and called AE need a name each"
             ld.claim("route", name, at, hint)
     rewrite = values.get("rewrite", {})
+    validate = values.get("validate", True)
+    if isinstance(validate, dict):
+        content = _content_policy(ld.scanner, {**(ld.site_validation or {}), **validate})
+    elif validate and ld.site_validation is not None:
+        content = _content_policy(ld.scanner, ld.site_validation)
+    else:
+        content = None
+    if content is not None and content.scan != "off" and ld.scanner is None:
+        ld.error(found.given.get("validate", at), "scan needs a scanner: validation.scanner")
+        raise _Invalid()
     return Route(
         name=name,
         listener=listener,
@@ -746,6 +889,7 @@ def _route(ld: _Loader, at: _At) -> Route:
         upstream_called_ae=rewrite.get("called_ae"),
         upstream_calling_ae=rewrite.get("calling_ae"),
         mode=values.get("mode") or ld.listener_modes.get(listener, ld.site_mode),
+        content=content,
         where=ld.where(at),
     )
 
@@ -933,6 +1077,8 @@ def _output_file(ld: _Loader, at: _At) -> Path | None:
     if text == "-":
         return None
     path = Path(os.path.normpath(ld.base_dir / text))
+    if not ld.check_files:
+        return path
     if path.is_dir():
         raise _Invalid(f"{path} is a directory; name a file in it")
     if not path.parent.is_dir():
@@ -1053,6 +1199,32 @@ _REWRITE: Final[Schema] = {
     "called_ae": (OPTIONAL, _ae_title),
     "calling_ae": (OPTIONAL, _ae_title),
 }
+_QUERY_LEVELS: Final = ("PATIENT", "STUDY", "SERIES", "IMAGE", "WORKLIST")
+_TAG: Final = re.compile(r"[0-9A-Fa-f]{8}")
+_VALIDATION: Final[Schema] = {
+    "conformance": (OPTIONAL, _boolean),
+    "monitor": (OPTIONAL, _list_of(_check_name)),
+    "hold_bytes": (OPTIONAL, _int_in(1024, 67_108_864)),
+    "max_depth": (OPTIONAL, _int_in(1, 64)),
+    "max_elements": (OPTIONAL, _int_in(100, 100_000_000)),
+    "max_instance_bytes": (OPTIONAL, _int_in(1024, 1 << 40)),
+    "required": (OPTIONAL, _list_of(_attribute)),
+    "allowed_values": (OPTIONAL, _attribute_values),
+    "refused_attributes": (OPTIONAL, _list_of(_attribute)),
+    "private_creators": (OPTIONAL, _list_of(_string)),
+    "universal_match": (OPTIONAL, _universal_match),
+    "document_types": (OPTIONAL, _list_of(_string)),
+    "active_content": (OPTIONAL, _choice("refuse", "allow")),
+    "executables": (OPTIONAL, _choice("refuse", "allow")),
+    "scan": (OPTIONAL, _choice("off", "documents", "instances")),
+}
+_SCANNER: Final[Schema] = {
+    "address": (REQUIRED, _scanner_address),
+    "timeout_seconds": (OPTIONAL, _seconds(600)),
+    "max_bytes": (OPTIONAL, _int_in(1024, 1 << 32)),
+    "fail": (OPTIONAL, _choice("open", "closed")),
+}
+_SITE_VALIDATION: Final[Schema] = {**_VALIDATION, "scanner": (OPTIONAL, _scanner)}
 _ROUTE: Final[Schema] = {
     "name": (OPTIONAL, _name),
     "listener": (REQUIRED, _reference("listener")),
@@ -1062,6 +1234,7 @@ _ROUTE: Final[Schema] = {
     "rewrite": (OPTIONAL, _rewrite),
     "allow": (REQUIRED, _list_of(_allow_rule)),
     "mode": (OPTIONAL, _MODE),
+    "validate": (OPTIONAL, _route_validation),
 }
 _LIMITS: Final[Schema] = {
     "max_pdu_bytes": (OPTIONAL, _int_in(4096, 67_108_864)),
@@ -1102,6 +1275,7 @@ _AUDIT: Final[Schema] = {
 # Order matters: routes refer to listeners, upstreams and peers, so those are checked first.
 _TOP: Final[Schema] = {
     "mode": (OPTIONAL, _site_mode),
+    "validation": (OPTIONAL, _site_validation),
     "listeners": (REQUIRED, _listeners),
     "upstreams": (REQUIRED, _upstreams),
     "peers": (REQUIRED, _peers),

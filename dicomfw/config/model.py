@@ -146,6 +146,56 @@ class Audit:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsEndpoint:
+    """The TLS files of one listener, upstream or ATNA collector, for what goes over all of them
+    (``dicomfw certs check --config``, ``certs install --listener``, the certificate metrics).
+
+    ``presents`` is what the endpoint's own certificate does in the handshake: a listener
+    presents a server certificate, an upstream connection or the ATNA sink a client one.
+    """
+
+    kind: str  # "listener", "upstream" or "atna"
+    name: str  # the listener's or upstream's name; "" for the ATNA collector
+    presents: str  # "server" or "client"
+    cert: Path | None
+    key: Path | None
+    ca: Path | None
+    key_password_file: Path | None = None
+    crl: Path | None = None
+
+    @classmethod
+    def of(cls, kind: str, name: str, tls: ServerTLS | ClientTLS) -> TlsEndpoint:
+        crl = tls.crl if isinstance(tls, ServerTLS) else None
+        presents = "server" if isinstance(tls, ServerTLS) else "client"
+        return cls(kind, name, presents, tls.cert, tls.key, tls.ca, tls.key_password_file, crl)
+
+    @property
+    def setting(self) -> str:
+        """Where its TLS settings are in the rules file, as errors name them."""
+        if self.kind == "atna":
+            return "audit.atna"
+        return f"{self.kind}s.{self.name}.tls"
+
+    @property
+    def role(self) -> str:
+        """Its metric label: ``listener:NAME``, ``upstream:NAME`` or ``atna``."""
+        return f"{self.kind}:{self.name}" if self.name else self.kind
+
+
+@dataclass(frozen=True, slots=True)
+class Scanner:
+    """A running ClamAV daemon that scans the data sets content validation hands it (the
+    routes' ``scan``): ``address`` is ``unix:PATH`` or ``HOST:PORT``; ``max_bytes`` the most
+    it is sent at once; ``fail`` what passes when it cannot answer in ``timeout_seconds``
+    (open: everything, logged; closed: nothing it was to scan)."""
+
+    address: str
+    timeout_seconds: float = 10.0
+    max_bytes: int = 64 * 1_048_576
+    fail: str = "open"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: Path  # the rules file this came from
     listeners: tuple[Listener, ...]
@@ -154,10 +204,28 @@ class Config:
     limits: Limits = Limits()
     metrics: MetricsEndpoint | None = None
     audit: Audit | None = None
+    scanner: Scanner | None = None
     workers: int = 1  # processes sharing the listeners (``workers: auto`` = the CPU count)
     # Names this instance in logs, audit records and ``dicomfw_instance_info``; several
     # instances behind a balancer share one rules file, so the default is the host name.
     instance: str = field(default_factory=socket.gethostname)
+
+    def tls_endpoints(self) -> tuple[TlsEndpoint, ...]:
+        """Every endpoint with TLS files, in rules-file order: listeners, upstreams, ATNA."""
+        endpoints = [
+            TlsEndpoint.of("listener", listener.name, listener.tls)
+            for listener in self.listeners
+            if listener.tls is not None
+        ]
+        endpoints += [
+            TlsEndpoint.of("upstream", upstream.name, upstream.tls)
+            for upstream in self.upstreams
+            if upstream.tls is not None
+        ]
+        atna = self.audit.atna if self.audit is not None else None
+        if atna is not None and atna.transport == "tls":
+            endpoints.append(TlsEndpoint("atna", "", "client", atna.cert, atna.key, atna.ca))
+        return tuple(endpoints)
 
     def certificate_files(self) -> tuple[tuple[str, Path], ...]:
         """Every certificate file the daemon uses, as (role, path): for expiry checks/metrics.
@@ -165,26 +233,20 @@ class Config:
         Roles read like ``listener:remote:cert`` or ``upstream:pacs:ca``, so an alert names
         which TLS endpoint is about to break.
         """
-        files: list[tuple[str, Path]] = []
-        for listener in self.listeners:
-            if listener.tls is not None:
-                files += [
-                    (f"listener:{listener.name}:cert", listener.tls.cert),
-                    (f"listener:{listener.name}:ca", listener.tls.ca),
-                ]
-        for upstream in self.upstreams:
-            if upstream.tls is not None:
-                if upstream.tls.cert is not None:
-                    files.append((f"upstream:{upstream.name}:cert", upstream.tls.cert))
-                files.append((f"upstream:{upstream.name}:ca", upstream.tls.ca))
-        atna = self.audit.atna if self.audit is not None else None
-        if atna is not None:
-            files += [
-                (f"atna:{role}", path)
-                for role, path in (("cert", atna.cert), ("ca", atna.ca))
-                if path is not None
-            ]
-        return tuple(files)
+        return tuple(
+            (f"{endpoint.role}:{what}", path)
+            for endpoint in self.tls_endpoints()
+            for what, path in (("cert", endpoint.cert), ("ca", endpoint.ca))
+            if path is not None
+        )
+
+    def crl_files(self) -> tuple[tuple[str, Path], ...]:
+        """Every CRL the listeners load, as (role, path), roles like ``listener:remote:crl``."""
+        return tuple(
+            (f"{endpoint.role}:crl", endpoint.crl)
+            for endpoint in self.tls_endpoints()
+            if endpoint.crl is not None
+        )
 
     def upstream(self, name: str) -> Upstream:
         for upstream in self.upstreams:

@@ -32,6 +32,7 @@ TAG_REQUESTED_SOP_INSTANCE_UID: Final = 0x1001
 
 NO_DATA_SET: Final = 0x0101
 RESPONSE_BIT: Final = 0x8000
+C_CANCEL_RQ: Final = 0x0FFF
 
 
 @dataclass(slots=True)
@@ -269,6 +270,17 @@ def encode_response(request: DimseCommand, status: int, error_comment: str = "")
         else None,
     ]
     body = b"".join(_element(tag, value) for tag, value in filter(None, elements))
+    return _element(TAG_COMMAND_GROUP_LENGTH, struct.pack("<L", len(body))) + body
+
+
+def encode_cancel(message_id: int) -> bytes:
+    """A C-CANCEL-RQ command set for the request ``message_id`` (PS3.7 §9.3.2.3, Table 9.3-3:
+    the same for C-FIND, C-GET and C-MOVE)."""
+    body = (
+        _element(TAG_COMMAND_FIELD, struct.pack("<H", C_CANCEL_RQ))
+        + _element(TAG_MESSAGE_ID_RESPONDED_TO, struct.pack("<H", message_id))
+        + _element(TAG_COMMAND_DATA_SET_TYPE, struct.pack("<H", NO_DATA_SET))
+    )
     return _element(TAG_COMMAND_GROUP_LENGTH, struct.pack("<L", len(body))) + body
 
 

@@ -22,6 +22,8 @@ import ipaddress
 from dataclasses import dataclass, field
 from typing import Final
 
+from dicomfw.core.content import ContentRules
+
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -40,7 +42,6 @@ SERVICE_COMMANDS: Final[dict[str, int]] = {
     "N-DELETE": 0x0150,
 }
 SERVICE_BY_COMMAND: Final[dict[int, str]] = {v: k for k, v in SERVICE_COMMANDS.items()}
-C_CANCEL_RQ: Final = 0x0FFF
 #: The Verification SOP Class (PS3.4 Annex A): the only abstract syntax C-ECHO runs on.
 VERIFICATION_SOP_CLASS: Final = "1.2.840.10008.1.1"
 
@@ -149,6 +150,23 @@ class AllowRule:
 
 
 @dataclass(frozen=True, slots=True)
+class ContentPolicy:
+    """Content validation on a route: what is checked (``rules``, the checks of
+    ``dicomfw.core.content``), which checks only report (``monitor``), how much of a data set
+    is held while its first part is checked (``hold_bytes``: past it, the rest streams and a
+    late violation aborts), and which data sets an external scanner sees (``scan``: off,
+    documents — Encapsulated Document SOP classes —, or instances: every C-STORE), up to
+    ``scan_max_bytes``; ``scan_fail`` (open or closed) says what passes when it cannot scan."""
+
+    rules: ContentRules
+    monitor: frozenset[str] = frozenset()
+    hold_bytes: int = 1_048_576
+    scan: str = "off"
+    scan_max_bytes: int = 64 * 1_048_576
+    scan_fail: str = "open"
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Where associations for (listener, called AE) go, and what they may do there."""
 
@@ -161,6 +179,7 @@ class Route:
     upstream_called_ae: str | None = None
     upstream_calling_ae: str | None = None
     mode: str = ENFORCE  # the route's own, else its listener's, else the rules file's
+    content: ContentPolicy | None = None  # data sets are inspected (command sets always are)
     where: str = field(default="", compare=False)
 
 

@@ -343,6 +343,15 @@ def _over(
     return None
 
 
+def _over_rate(service: str, rate: int, scope: str) -> Refuse:
+    """A request over its rate: its service's out-of-resources status (``OUT_OF_RESOURCES``)."""
+    return Refuse(
+        OUT_OF_RESOURCES.get(service, STATUS_RESOURCE_LIMITATION),
+        "request_rate_exceeded",
+        f"{service} is over {rate}/minute per {scope}",
+    )
+
+
 def _over_limit(why: str, detail: str) -> Reject:
     """PS3.8 Table 9-21: rejected-transient, service-provider (presentation), local limit."""
     return Reject(
@@ -459,11 +468,7 @@ class Gate:
             for bucket, rate_, _ in metered:
                 bucket.reserve(rate_, now)
             return Delay(wait) if wait else None
-        return Refuse(
-            OUT_OF_RESOURCES.get(service, STATUS_RESOURCE_LIMITATION),
-            "request_rate_exceeded",
-            f"{service} is over {rate}/minute per {scope}",
-        )
+        return _over_rate(service, rate, scope)
 
     def decide_locally(self, query: LimitQuery, now: float) -> Reject | Delay | Refuse | None:
         """What this process alone answers to ``query``: the fallback when the shared store
@@ -484,11 +489,7 @@ class Gate:
         ):
             bucket.reserve(rate, now)
             return Delay(wait) if wait else None
-        return Refuse(
-            OUT_OF_RESOURCES.get(query.service, STATUS_RESOURCE_LIMITATION),
-            "request_rate_exceeded",
-            f"{query.service} is over {rate}/minute per peer",
-        )
+        return _over_rate(query.service, rate, "peer")
 
     def release(self) -> None:
         """The connection is gone: give back what it counted (idempotent)."""

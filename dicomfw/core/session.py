@@ -5,7 +5,8 @@ side, upstream connected or failed, a side closed, a timer fired) and it answers
 (send these bytes to that side, connect the upstream, close a side) and events for audit and
 metrics. It never touches a socket or a clock, so every rule and every refusal is tested on bytes.
 
-States: AWAIT_RQ → (policy) → AWAIT_UPSTREAM → AWAIT_AC → ESTABLISHED → CLOSED. The firewall
+States: AWAIT_RQ → (policy) → [AWAIT_LIMITS] → AWAIT_UPSTREAM → AWAIT_AC → ESTABLISHED → CLOSED
+(AWAIT_LIMITS only when a shared store decides the limits: ``CheckLimits``). The firewall
 answers on its own only with refusals (A-ASSOCIATE-RJ, a failure *-RSP) or an A-ABORT: it never
 acknowledges anything the upstream did not.
 
@@ -18,12 +19,13 @@ The contract, which the property tests check on arbitrary input:
   answers with no command at all.
 * What a session holds is bounded by its configuration, not by what peers send: the PDU cap
   (one PDU in reassembly per direction), ``MAX_COMMAND_BYTES`` for a command in reassembly,
-  ``_MAX_EARLY_BYTES`` before the association is up, ``_MAX_DEFERRED_BYTES`` while the requester
-  is not read, and ``MAX_QUEUED_REPLY_BYTES`` of the firewall's own answers waiting for the
-  upstream's message to end (beyond it the session asks the relay to stop reading the
-  requester: ``PauseReading``). Refused requests are reported one by one up to
-  ``REFUSALS_REPORTED_ONE_BY_ONE`` of a kind, then as counts; past ``max_refusals`` the
-  requester is cut off.
+  ``_MAX_EARLY_BYTES`` before the association is up, ``_MAX_DEFERRED_BYTES`` while a side is not
+  read, ``MAX_HELD_BYTES`` of a message held for an answer (a request rate's delay, the shared
+  limit store), and ``MAX_QUEUED_REPLY_BYTES`` of the firewall's own answers waiting for the
+  upstream's message to end; beyond these the session asks the relay to stop reading that side
+  (``PauseReading``), and TCP holds the rest back at the peer. Refused requests are reported
+  one by one up to ``REFUSALS_REPORTED_ONE_BY_ONE`` of a kind, then as counts; past
+  ``max_refusals`` the requester is cut off.
 """
 
 from __future__ import annotations
@@ -36,9 +38,16 @@ from typing import Final
 from mypy_extensions import mypyc_attr
 
 from dicomfw.core import acse, pdu
-from dicomfw.core.dimse import DimseCommand, encode_response, status_class
-from dicomfw.core.policy import (
+from dicomfw.core.content import DataSetInspector, Finding, Kind, Message
+from dicomfw.core.dimse import (
     C_CANCEL_RQ,
+    RESPONSE_BIT,
+    DimseCommand,
+    encode_cancel,
+    encode_response,
+    status_class,
+)
+from dicomfw.core.policy import (
     MONITOR,
     PC_ACCEPTANCE,
     RJ_PERMANENT,
@@ -143,6 +152,16 @@ class Wakeup:
 
 
 @dataclass(frozen=True, slots=True)
+class Scan:
+    """Hand ``data`` (a data set the route's ``scan`` names, whole) to the external scanner and
+    give its verdict to ``Session.scan_done(side, ...)``; meanwhile ``side``'s message is held
+    and nothing after it read."""
+
+    side: Side
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class CheckLimits:
     """Ask the shared limit store (``Limiter(shared=True)``) and give its answer to
     ``Session.limits_answered``: a ``Reject`` or None for an ``AssociationQuery``; a
@@ -215,6 +234,44 @@ class WouldRefuse:
 
 
 @dataclass(frozen=True, slots=True)
+class ContentRefused:
+    """Content validation refused a data set of ``side``'s message (check names are a fixed
+    set: ``dicomfw.core.content.CHECKS``). ``action``: ``refused`` (a request, answered with
+    ``status``), ``replaced`` (a response: the other side got a failure with ``status``
+    instead; a pending one also cancelled its request), ``aborted`` (found after forwarding
+    began: both sides aborted, ``status`` 0). Reported like refusals: ten of a kind one by one,
+    then counted."""
+
+    side: str
+    service: str
+    sop_class: str
+    check: str
+    kind: str
+    status: int
+    action: str
+    detail: str
+    message_id: int | None
+    count: int = 1
+
+    @property
+    def why(self) -> str:
+        return self.check
+
+
+@dataclass(frozen=True, slots=True)
+class Scanned:
+    """What the external scanner said of a data set: ``clean``, ``found`` (``detail`` names the
+    signature), ``error`` (it could not answer: the route's ``fail`` decided), or ``skipped``
+    (larger than the scanner takes)."""
+
+    side: str
+    service: str
+    sop_class: str
+    result: str
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class RequestFailed:
     """The upstream answered a request with a failure status (counted in ``RequestTally`` too;
     this event is for the audit record of the failure)."""
@@ -283,7 +340,9 @@ class RequestTally:
 
 @dataclass(frozen=True, slots=True)
 class AssociationEnded:
-    """``how`` is 'released', 'aborted' or 'closed'; ``why`` is stable, ``detail`` human."""
+    """``how`` is 'released', 'aborted', 'closed' (during set-up, nothing to abort) or 'probe'
+    (connected and closed without sending a byte: a health check); ``why`` is stable,
+    ``detail`` human."""
 
     how: str
     why: str
@@ -294,13 +353,23 @@ Event = (
     AssociationRejected
     | AssociationAccepted
     | RequestRefused
+    | ContentRefused
+    | Scanned
     | WouldRefuse
     | RequestFailed
     | RequestTally
     | AssociationEnded
 )
 Command = (
-    Send | ConnectUpstream | Close | Wakeup | CheckLimits | PauseReading | ResumeReading | Event
+    Send
+    | ConnectUpstream
+    | Close
+    | Wakeup
+    | CheckLimits
+    | Scan
+    | PauseReading
+    | ResumeReading
+    | Event
 )
 
 
@@ -316,18 +385,57 @@ def _peer_name(decision: Accept | Reject) -> str | None:
     return decision.peer.ae_title if decision.peer is not None else ""
 
 
+def _service_name(command_field: int) -> str:
+    """The DIMSE service of a request or response command field ("unknown" for others)."""
+    return SERVICE_BY_COMMAND.get(command_field & ~RESPONSE_BIT, "unknown")
+
+
+def content_status(kind: Kind, command_field: int) -> int:
+    """The status a refused data set is answered with, by what was wrong and the service
+    (PS3.4 C-STORE B.2.3, C-FIND C.4.1.1.4, C-MOVE/C-GET C.4.2.1.5/C.4.3.1.4; PS3.7 C.4 for the
+    N-services): cannot understand / unable to process 0xC000, data set or identifier does
+    not match SOP class 0xA900, SOP class not supported 0x0122, out of resources 0xA700
+    (0xA701 for C-MOVE and C-GET, resource limitation 0x0213 for N-services), refused: not
+    authorized 0x0124."""
+    service = command_field & ~RESPONSE_BIT
+    n_service = service >= 0x0100
+    if kind is Kind.MALFORMED:
+        return 0x0110 if n_service else 0xC000  # N: processing failure
+    if kind is Kind.MISMATCH:
+        return 0x0106 if n_service else 0xA900  # N: invalid attribute value
+    if kind is Kind.UNSUPPORTED:
+        return 0x0122
+    if kind is Kind.TOO_LARGE:
+        if n_service:
+            return 0x0213
+        return 0xA701 if service in (0x0010, 0x0021) else 0xA700
+    return 0x0124
+
+
 def _would_refuse_request(stage: str, refusal: Refuse, hold: _Hold) -> WouldRefuse:
-    service = SERVICE_BY_COMMAND.get(hold.command.command_field, "unknown")
+    service = _service_name(hold.command.command_field)
     answer = f"0x{refusal.status:04X}" if refusal.status else "delayed"
     return WouldRefuse(stage, refusal.why, refusal.detail, answer, service, hold.sop_class)
 
 
 class _Hold:
     """A message one side's stream holds (``HOLD``) until every answer it waits for has come:
-    a request rate's delay, the shared limit store's answer. At most one per side: the
-    messages of a direction follow each other."""
+    a request rate's delay, the shared limit store's answer, content validation of its data
+    set's first part. At most one per side: the messages of a direction follow each other.
+    Once forwarded, what follows of its data set is still inspected until it ends."""
 
-    __slots__ = ("command", "context_id", "delayed", "ended", "held", "sop_class", "waiting")
+    __slots__ = (
+        "command",
+        "context_id",
+        "delayed",
+        "ended",
+        "forwarded",
+        "held",
+        "inspector",
+        "scan",
+        "sop_class",
+        "waiting",
+    )
 
     def __init__(self, context_id: int, command: DimseCommand, sop_class: str) -> None:
         self.context_id = context_id
@@ -335,14 +443,29 @@ class _Hold:
         self.sop_class = sop_class
         self.delayed = False  # a ``Wakeup`` is due
         self.waiting = False  # the shared limit store's answer is due
+        self.inspector: DataSetInspector | None = None  # content validation of its data set
+        #: the whole data set for the external scanner, until it has answered (None: no scan)
+        self.scan: bytearray | None = None
         self.held = 0  # data-set bytes held
         self.ended = False  # the whole message has been read
+        self.forwarded = False
 
     @property
     def ready(self) -> bool:
-        return not (self.delayed or self.waiting)
+        return not (self.delayed or self.waiting or self.scan is not None)
 
 
+class _ContentAbort(Exception):
+    """A violation found after the message began to go out: the association cannot go on."""
+
+    def __init__(self, side: Side, hold: _Hold, finding: Finding) -> None:
+        super().__init__(finding.detail)
+        self.side, self.hold, self.finding = side, hold, finding
+
+
+#: SOP classes of encapsulated documents (PDF, CDA, STL, OBJ, MTL: PS3.4 Annex B.5), the
+#: data sets ``scan: documents`` hands the scanner.
+_DOCUMENTS: Final = "1.2.840.10008.5.1.4.1.1.104."
 #: What a message held for an answer may buffer before its side is no longer read.
 MAX_HELD_BYTES: Final = 1_048_576
 
@@ -385,6 +508,7 @@ class Session:
         self._max_pdu = max_pdu_length
         self._setup = pdu.PduBuffer(max_pdu_length)
         self._early = bytearray()  # requester bytes that arrived before the association was up
+        self._spoke = False  # the requester sent a byte
         self._rq: acse.AssociateRQ | None = None
         self._upstream_rq = b""
         self._narrowed: dict[int, tuple[str, ...]] = {}  # transfer syntaxes proposed upstream
@@ -403,6 +527,11 @@ class Session:
         self._clock: Callable[[], float] = clock or _zero
         self._timed = clock is not None  # round trips are measured
         self._holds: dict[Side, _Hold] = {}  # the message each side's stream holds
+        self._transfer_syntax: dict[int, str] = {}  # accepted context ID -> its transfer syntax
+        #: message IDs whose responses from that side are dropped: we cancelled the request
+        #: after refusing one of its responses
+        self._cancelled: dict[Side, set[int]] = {Side.REQUESTER: set(), Side.UPSTREAM: set()}
+        self._upstream_replies: list[Buffer] = []  # firewall-made PDUs for the upstream
         self._pending_rq: tuple[Accept | Reject, bytes] | None = None  # during AWAIT_LIMITS
         self._backlog = False  # too many of our answers wait: the requester is not read
         #: A side's message is held until an answer comes from outside (``settle``): nothing
@@ -414,10 +543,10 @@ class Session:
         self._deferred = {Side.REQUESTER: bytearray(), Side.UPSTREAM: bytearray()}
         self._max_refusals = max_refusals
         self._refusals = 0
-        self._reported_by_why: dict[tuple[bool, str], int] = {}  # (monitored, why) -> reported
+        self._reported_by_why: dict[tuple[str, str], int] = {}  # (event type, why) -> reported
         #: refusals not reported one by one, as their event with neither detail nor message ID
         #: -> how many
-        self._unreported: dict[RequestRefused | WouldRefuse, int] = {}
+        self._unreported: dict[RequestRefused | ContentRefused | WouldRefuse, int] = {}
         self._reported_at = self._clock()
 
     # ---- inputs --------------------------------------------------------------------------------
@@ -462,7 +591,7 @@ class Session:
             final or self._clock() - self._reported_at >= REFUSAL_REPORT_SECONDS
         ):
             for event, count in self._unreported.items():
-                detail = f"{count} more requests refused for the same reason"
+                detail = f"{count} more refused for the same reason"
                 if isinstance(event, WouldRefuse):
                     detail = f"{count} more would have been refused for the same reason"
                 report.append(replace(event, detail=detail, count=count))
@@ -514,12 +643,16 @@ class Session:
         self._setup = pdu.PduBuffer(self._max_pdu)
         return [Send(Side.UPSTREAM, [self._upstream_rq])]
 
-    def upstream_failed(self, detail: str) -> list[Command]:
-        """The upstream could not be reached: a transient refusal the modality will retry."""
+    def upstream_failed(self, detail: str, why: str = "upstream_unreachable") -> list[Command]:
+        """The upstream could not be reached: a transient refusal the modality will retry.
+
+        ``why`` says how, from the relay's fixed set: upstream_unreachable (down, refusing,
+        silent), upstream_certificate_invalid (its certificate did not verify),
+        upstream_tls_failed (the TLS handshake failed otherwise, e.g. it refused ours). The
+        requester's A-ASSOCIATE-RJ is the same for all: it can only retry later."""
         if self.state is not State.AWAIT_UPSTREAM:
             return []
-        reject = Reject(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, 1, "upstream_unreachable", detail)
-        return self._reject(reject)
+        return self._reject(Reject(RJ_TRANSIENT, RJ_SOURCE_PRESENTATION, 1, why, detail))
 
     def connection_lost(self, side: Side) -> list[Command]:
         """``side`` closed its connection (or it broke)."""
@@ -531,11 +664,16 @@ class Session:
             side is Side.UPSTREAM and (previous is State.AWAIT_AC)
         ):
             commands: list[Command] = [Close(Side.REQUESTER)]
-            if previous is State.AWAIT_AC:
+            how = "closed"
+            if previous is State.AWAIT_AC:  # the requester is told: its association is gone
                 commands.insert(0, Send(Side.REQUESTER, [pdu.abort()]))
+                how = "aborted"
             if previous not in (State.AWAIT_RQ, State.AWAIT_LIMITS):
                 commands.append(Close(Side.UPSTREAM))
-            return [*commands, AssociationEnded("closed", f"{side.value}_closed_during_setup")]
+            if previous is State.AWAIT_RQ and not self._spoke:
+                # connect and close, not a byte sent: a balancer's or a monitor's health check
+                return [*commands, AssociationEnded("probe", "closed_without_a_byte")]
+            return [*commands, AssociationEnded(how, f"{side.value}_closed_during_setup")]
         if self._released:
             return [Close(side.other), AssociationEnded("released", "released")]
         return [
@@ -562,6 +700,7 @@ class Session:
     # ---- association set-up --------------------------------------------------------------------
 
     def _await_rq(self, data: bytes) -> list[Command]:
+        self._spoke = self._spoke or bool(data)
         pdus = self._setup.feed(data)
         if not pdus:
             return []
@@ -730,7 +869,12 @@ class Session:
         self._to_upstream = DataStream(
             accepted, self._max_pdu, self._decide_request, self._inspect_request
         )
-        self._to_requester = DataStream(accepted, self._max_pdu, self._observe_upstream)
+        self._to_requester = DataStream(
+            accepted, self._max_pdu, self._observe_upstream, self._inspect_response
+        )
+        self._transfer_syntax = {
+            c.context_id: c.transfer_syntax for c in ac.contexts if c.result == PC_ACCEPTANCE
+        }
         self.state = State.ESTABLISHED
         ac_for_requester = acse.encode_ac_for_requester(
             raw, ac, self._rq, self._refused_contexts, self._max_pdu
@@ -800,6 +944,11 @@ class Session:
             return self._end_feed(
                 Side.REQUESTER, pdu.ABORT_REASON_NOT_SPECIFIED, "too_many_refusals", str(cut)
             )
+        except _ContentAbort as late:
+            self._report(self._content_event(late.side, late.hold, late.finding, "aborted", 0))
+            detail = f"{late.finding.check}: {late.finding.detail}"
+            reason = pdu.ABORT_REASON_NOT_SPECIFIED
+            return self._end_feed(late.side, reason, "content_violation", detail)
 
     def _fail(self, side: Side, error: RemoteProtocolError) -> list[Command]:
         """``side`` broke the protocol: A-ABORT both sides."""
@@ -810,8 +959,9 @@ class Session:
         the requester and the observers: the refusals answered and reported before the end
         are the same however the requester's bytes were split into reads."""
         events, self._events = self._events, []
-        replies = self._replies
-        answered: list[Command] = [Send(Side.REQUESTER, replies)] if replies else []
+        answered: list[Command] = [Send(Side.REQUESTER, self._replies)] if self._replies else []
+        if self._upstream_replies:
+            answered.append(Send(Side.UPSTREAM, self._upstream_replies))
         return [*answered, *events, *self._abort(culprit, reason, why, detail)]
 
     def _data_phase(self, side: Side, data: bytes) -> list[Command]:
@@ -830,6 +980,9 @@ class Session:
         if self._replies:
             commands.append(Send(Side.REQUESTER, self._replies))
             self._replies = []
+        if self._upstream_replies:
+            commands.append(Send(Side.UPSTREAM, self._upstream_replies))
+            self._upstream_replies = []
         commands += self._events
         self._events = []
         if stream.control_pdus:
@@ -884,9 +1037,14 @@ class Session:
         return commands
 
     def _decide_request(self, context_id: int, command: DimseCommand) -> int:
-        """A command from the requester: a request policy must allow, or a reply passing."""
+        """A command from the requester: a request policy must allow, or a reply passing (its
+        data set inspected when the route validates content)."""
         if command.is_response or command.command_field == C_CANCEL_RQ:
-            return FORWARD
+            if command.is_response and command.message_id in self._cancelled[Side.REQUESTER]:
+                if command.status not in _PENDING_STATUSES:
+                    self._cancelled[Side.REQUESTER].discard(command.message_id or 0)
+                return SWALLOW
+            return self._hold_for_inspection(Side.REQUESTER, context_id, command)
         route = self.route
         assert route is not None
         monitor = route.mode == MONITOR
@@ -932,6 +1090,11 @@ class Session:
                 assert self._to_upstream is not None
                 self._to_upstream.halt()  # read no more of the requester until they have gone
             return SWALLOW
+        inspector = self._inspector(context_id, command)
+        if inspector is not None:
+            hold = hold or _Hold(context_id, command, sop_class)
+            hold.inspector = inspector
+            hold.scan = self._scan_buffer(command)
         if hold is not None:
             self._holds[Side.REQUESTER] = hold
             return HOLD
@@ -954,21 +1117,22 @@ class Session:
             self._destinations.add(destination)
             self._tally.move_destinations.add(destination)
 
+    def _count_refusal(self) -> None:
+        """One more request of the requester refused; past ``max_refusals`` it is cut off."""
+        self._refusals += 1
+        if self._max_refusals and self._refusals > self._max_refusals:
+            raise _CutOff(f"more than {self._max_refusals} requests refused on one association")
+
     def _refuse_request(
         self, context_id: int, command: DimseCommand, sop_class: str, refusal: Refuse
     ) -> None:
         """Answer a request of the requester ourselves, with ``refusal``'s status; past
         ``max_refusals`` cut the requester off instead (``_CutOff``)."""
-        self._refusals += 1
-        if self._max_refusals and self._refusals > self._max_refusals:
-            raise _CutOff(f"more than {self._max_refusals} requests refused on one association")
-        assert self._to_requester is not None
+        self._count_refusal()
         # The Error Comment tells the modality's operator it was the firewall, without
         # revealing rule names to whoever is on the other end.
         response = encode_response(command, refusal.status, f"dicomfw: {refusal.why}")
-        self._replies += self._to_requester.inject(
-            pdu.p_data_tf([pdu.pdv(context_id, 0x03, response)])
-        )
+        self._reply(Side.REQUESTER, context_id, response)
         self._report(
             RequestRefused(
                 SERVICE_BY_COMMAND.get(command.command_field, "unknown"),
@@ -980,57 +1144,250 @@ class Session:
             )
         )
 
+    def _inspector(self, context_id: int, command: DimseCommand) -> DataSetInspector | None:
+        """Content validation for a message's data set, when its route validates content."""
+        route = self.route
+        content = route.content if route is not None else None
+        if content is None or not command.has_data_set:
+            return None
+        message = Message(
+            command.command_field,
+            command.sop_class,
+            command.sop_instance,
+            self._abstract_syntax.get(context_id, ""),
+            self._transfer_syntax.get(context_id, ""),
+        )
+        return DataSetInspector(content.rules, message)
+
     def _inspect_request(self, fragment: memoryview, last: bool) -> int:
-        """A data-set fragment of a request the requester's stream holds. Past
-        ``MAX_HELD_BYTES`` the requester is no longer read until the answers have come."""
-        hold = self._holds.get(Side.REQUESTER)
+        return self._inspect(Side.REQUESTER, fragment, last)
+
+    def _inspect_response(self, fragment: memoryview, last: bool) -> int:
+        return self._inspect(Side.UPSTREAM, fragment, last)
+
+    def _inspect(self, side: Side, fragment: memoryview, last: bool) -> int:
+        """A data-set fragment of the message ``side``'s stream holds (or forwarded and still
+        inspects). Held until every answer has come and its first part passed content
+        validation; past ``MAX_HELD_BYTES`` the side is no longer read meanwhile."""
+        hold = self._holds.get(side)
         if hold is None:
             return FORWARD
         hold.held += len(fragment)
         hold.ended = last
-        if hold.held > MAX_HELD_BYTES and not last:
-            assert self._to_upstream is not None
-            self._to_upstream.halt()
-            self._settling.add(Side.REQUESTER)
+        if hold.scan is not None and not hold.forwarded:
+            unscanned = self._collect_for_scan(side, hold, fragment)
+            if unscanned is not None:
+                return self._refuse_content(side, hold, unscanned)
+        inspector = hold.inspector
+        if inspector is not None:
+            for finding in inspector.feed(fragment, last):
+                if not self._enforced(finding):
+                    self._report(self._would_refuse_content(hold, finding))
+                elif hold.forwarded:
+                    del self._holds[side]
+                    raise _ContentAbort(side, hold, finding)
+                else:
+                    return self._refuse_content(side, hold, finding)
+        if last and hold.scan is not None and not hold.forwarded:
+            self._events.append(Scan(side, bytes(hold.scan)))
+        if not hold.forwarded and hold.ready and self._first_part_passed(hold):
+            hold.forwarded = True
+            self._passed(side, hold)
+        if hold.forwarded:
+            if last:
+                del self._holds[side]
+            return FORWARD
+        if hold.held > MAX_HELD_BYTES and not last and hold.scan is None:
+            self._stream_from(side).halt()
+            self._settling.add(side)
         return HOLD
 
-    def _answered(self, side: Side, hold: _Hold) -> list[Command]:
-        """An answer a held message waited for came: once all have, it goes on its way."""
-        if not hold.ready:
+    def _collect_for_scan(self, side: Side, hold: _Hold, fragment: memoryview) -> Finding | None:
+        """Keep a fragment for the scanner, up to what it takes; a data set larger than that is
+        not scanned: with ``fail: closed`` it is refused (the finding returned), else it goes
+        on unscanned."""
+        content = self.route.content if self.route is not None else None
+        assert content is not None and hold.scan is not None
+        if len(hold.scan) + len(fragment) <= content.scan_max_bytes:
+            hold.scan += fragment
+            return None
+        hold.scan = None
+        detail = f"larger than the {content.scan_max_bytes} bytes the scanner takes"
+        service = _service_name(hold.command.command_field)
+        self._events.append(Scanned(side.value, service, hold.sop_class, "skipped", detail))
+        finding = Finding("scan_unavailable", Kind.TOO_LARGE, f"not scanned: {detail}")
+        if content.scan_fail == "closed" and self._enforced(finding):
+            return finding
+        return None
+
+    def _scan_buffer(self, command: DimseCommand) -> bytearray | None:
+        """An empty buffer when the route's ``scan`` wants this message's data set scanned:
+        ``instances`` every C-STORE, ``documents`` those of an Encapsulated Document class."""
+        content = self.route.content if self.route is not None else None
+        if content is None or command.command_field != 0x0001 or content.scan == "off":
+            return None
+        if content.scan == "documents" and not command.sop_class.startswith(_DOCUMENTS):
+            return None
+        return bytearray()
+
+    def scan_done(self, side: Side, result: str, detail: str = "") -> list[Command]:
+        """The scanner's verdict on the data set ``Scan`` handed it: ``clean``, ``found``
+        (``detail``: the signature), or ``error`` (``detail``: why it could not answer)."""
+        hold = self._holds.get(side)
+        if self.state is not State.ESTABLISHED or hold is None or hold.scan is None:
             return []
-        assert self._to_upstream is not None
-        out = self._to_upstream.settle(True)
-        del self._holds[side]
+        assert self.route is not None and self.route.content is not None
+        content = self.route.content
+        hold.scan = None
+        self._events = []
+        service = _service_name(hold.command.command_field)
+        self._events.append(Scanned(side.value, service, hold.sop_class, result, detail))
+        finding = None
+        if result == "found":
+            finding = Finding("malware", Kind.FORBIDDEN, f"the scanner found {detail}")
+        elif result != "clean" and content.scan_fail == "closed":
+            finding = Finding("scan_unavailable", Kind.TOO_LARGE, f"not scanned: {detail}")
+        if finding is not None and not self._enforced(finding):
+            self._report(self._would_refuse_content(hold, finding))
+            finding = None
+        if finding is None:
+            events, self._events = self._events, []
+            return events + self._answered(side, hold)
+        refused = finding
+        return self._settle_refused(side, lambda: self._refuse_content(side, hold, refused))
+
+    def _first_part_passed(self, hold: _Hold) -> bool:
+        """No content check holds the message any longer: the checks of its first part ran, or
+        the route's hold bound was reached (the rest streams; a late violation aborts)."""
+        inspector = hold.inspector
+        if inspector is None or inspector.header_checked or hold.ended:
+            return True
+        content = self.route.content if self.route is not None else None
+        return content is None or hold.held >= content.hold_bytes
+
+    def _enforced(self, finding: Finding) -> bool:
+        route = self.route
+        assert route is not None and route.content is not None
+        return route.mode != MONITOR and finding.check not in route.content.monitor
+
+    def _stream_from(self, side: Side) -> DataStream:
+        stream = self._to_upstream if side is Side.REQUESTER else self._to_requester
+        assert stream is not None
+        return stream
+
+    def _passed(self, side: Side, hold: _Hold) -> None:
+        """A held message goes on its way: a request is counted, a final response completes."""
+        if side is Side.REQUESTER and not hold.command.is_response:
+            self._forwarded(hold.context_id, hold.command, hold.sop_class)
+        elif side is Side.UPSTREAM:
+            self._responded(hold.command)
+
+    def _answered(self, side: Side, hold: _Hold) -> list[Command]:
+        """An answer a held message waited for came: once all have (and its first part passed
+        content validation), it goes on its way."""
+        if not (hold.ready and self._first_part_passed(hold)):
+            return []
+        out = self._stream_from(side).settle(True)
+        hold.forwarded = True
+        self._passed(side, hold)
+        if hold.ended:
+            del self._holds[side]
         self._settling.discard(side)
-        self._forwarded(hold.context_id, hold.command, hold.sop_class)
-        commands: list[Command] = [Send(Side.UPSTREAM, out)] if out else []
+        commands: list[Command] = [Send(side.other, out)] if out else []
         return commands + self._flow()
+
+    def _refuse_content(self, side: Side, hold: _Hold, finding: Finding) -> int:
+        """Content validation refused a held message: it is cut out (``SWALLOW``) and answered.
+        A request's sender gets its failure response; a response is replaced by a failure
+        toward the other side, and a pending one's request is cancelled at its sender (whose
+        further responses to it are dropped)."""
+        self._holds.pop(side, None)
+        command, context_id = hold.command, hold.context_id
+        status = content_status(finding.kind, command.command_field)
+        answer = encode_response(command, status, f"dicomfw: {finding.check}")
+        if command.is_response:
+            self._reply(side.other, context_id, answer)
+            if command.status in _PENDING_STATUSES and command.message_id is not None:
+                self._reply(side, context_id, encode_cancel(command.message_id))
+                self._cancelled[side].add(command.message_id)
+            if side is Side.UPSTREAM:
+                self._responded(command, status)
+            action = "replaced"
+        else:
+            if side is Side.REQUESTER:
+                self._count_refusal()
+            self._reply(side, context_id, answer)
+            action = "refused"
+        self._report(self._content_event(side, hold, finding, action, status))
+        return SWALLOW
+
+    def _content_event(
+        self, side: Side, hold: _Hold, finding: Finding, action: str, status: int
+    ) -> ContentRefused:
+        command = hold.command
+        return ContentRefused(
+            side.value,
+            _service_name(command.command_field),
+            hold.sop_class,
+            finding.check,
+            finding.kind.value,
+            status,
+            action,
+            finding.detail,
+            command.message_id,
+        )
+
+    def _would_refuse_content(self, hold: _Hold, finding: Finding) -> WouldRefuse:
+        status = content_status(finding.kind, hold.command.command_field)
+        service = _service_name(hold.command.command_field)
+        return WouldRefuse(
+            "content", finding.check, finding.detail, f"0x{status:04X}", service, hold.sop_class
+        )
+
+    def _reply(self, toward: Side, context_id: int, command_set: bytes) -> None:
+        """A command of our own toward ``toward``, at its stream's next message boundary."""
+        pdu_bytes = pdu.p_data_tf([pdu.pdv(context_id, 0x03, command_set)])
+        if toward is Side.REQUESTER:
+            self._replies += self._stream_from(Side.UPSTREAM).inject(pdu_bytes)
+        else:
+            self._upstream_replies += self._stream_from(Side.REQUESTER).inject(pdu_bytes)
 
     def _refuse_held(self, hold: _Hold, refusal: Refuse) -> list[Command]:
         """The shared store refused a held request: cut it out and answer it ourselves."""
-        assert self._to_upstream is not None
-        out = self._to_upstream.settle(False)
-        del self._holds[Side.REQUESTER]
-        self._settling.discard(Side.REQUESTER)
         self._events = []
-        commands: list[Command] = [Send(Side.UPSTREAM, out)] if out else []
+        del self._holds[Side.REQUESTER]
+        return self._settle_refused(
+            Side.REQUESTER,
+            lambda: self._refuse_request(hold.context_id, hold.command, hold.sop_class, refusal),
+        )
+
+    def _settle_refused(self, side: Side, answer: Callable[[], object]) -> list[Command]:
+        """A held message refused outside a read (an answer that came later): cut it out of
+        ``side``'s stream, let ``answer`` answer it, then read ``side`` again."""
+        out = self._stream_from(side).settle(False)
+        self._holds.pop(side, None)
+        self._settling.discard(side)
+        commands: list[Command] = [Send(side.other, out)] if out else []
         try:
-            self._refuse_request(hold.context_id, hold.command, hold.sop_class, refusal)
+            answer()
         except _CutOff as cut:
             reason = pdu.ABORT_REASON_NOT_SPECIFIED
             return commands + self._end_feed(Side.REQUESTER, reason, "too_many_refusals", str(cut))
-        replies, self._replies = self._replies, []
-        if replies:
-            commands.append(Send(Side.REQUESTER, replies))
+        if self._replies:
+            commands.append(Send(Side.REQUESTER, self._replies))
+            self._replies = []
+        if self._upstream_replies:
+            commands.append(Send(Side.UPSTREAM, self._upstream_replies))
+            self._upstream_replies = []
         events, self._events = self._events, []
         return commands + events + self._flow()
 
-    def _report(self, event: RequestRefused | WouldRefuse) -> None:
+    def _report(self, event: RequestRefused | ContentRefused | WouldRefuse) -> None:
         """Report a refusal (or what monitor mode let pass), or past
         ``REFUSALS_REPORTED_ONE_BY_ONE`` of its kind count it for ``take_report``, keyed by
         what the rules and the negotiation bound: no detail or message ID, and a SOP class the
         association did not negotiate counts as ""."""
-        kind = (isinstance(event, WouldRefuse), event.why)
+        kind = (type(event).__name__, event.why)
         seen = self._reported_by_why.get(kind, 0) + 1
         self._reported_by_why[kind] = seen
         if seen <= REFUSALS_REPORTED_ONE_BY_ONE:
@@ -1038,18 +1395,45 @@ class Session:
             return
         sop_class = event.sop_class if event.sop_class in self._abstract_syntax.values() else ""
         if isinstance(event, WouldRefuse):
-            key: RequestRefused | WouldRefuse = replace(event, detail="", sop_class=sop_class)
+            key: RequestRefused | ContentRefused | WouldRefuse = replace(
+                event, detail="", sop_class=sop_class
+            )
         else:
             key = replace(event, detail="", sop_class=sop_class, message_id=None)
         self._unreported[key] = self._unreported.get(key, 0) + 1
 
     def _observe_upstream(self, context_id: int, command: DimseCommand) -> int:
-        """A command from the upstream always passes; final responses complete a request."""
+        """A command from the upstream passes, its data set once inspected (when the route
+        validates content); final responses complete a request. Responses to a request we
+        cancelled (we refused one of its responses) are dropped."""
+        if command.is_response and command.message_id in self._cancelled[Side.UPSTREAM]:
+            if command.status not in _PENDING_STATUSES:
+                self._cancelled[Side.UPSTREAM].discard(command.message_id or 0)
+            return SWALLOW
+        verdict = self._hold_for_inspection(Side.UPSTREAM, context_id, command)
+        if verdict == FORWARD:
+            self._responded(command)
+        return verdict
+
+    def _hold_for_inspection(self, side: Side, context_id: int, command: DimseCommand) -> int:
+        """HOLD a message whose data set the route validates, else FORWARD it."""
+        inspector = self._inspector(context_id, command)
+        if inspector is None:
+            return FORWARD
+        hold = _Hold(context_id, command, command.sop_class)
+        hold.inspector = inspector
+        hold.scan = self._scan_buffer(command)
+        self._holds[side] = hold
+        return HOLD
+
+    def _responded(self, command: DimseCommand, status: int | None = None) -> None:
+        """A response of the upstream went to the requester (or, with ``status``, our failure
+        in its place): a final one completes its request."""
         if command.is_response and command.status not in _PENDING_STATUSES:
             done = self._outstanding.pop(command.message_id or 0, None)
             if done is not None:
-                self._completed(done, command.status or 0, command.message_id)
-        return FORWARD
+                answer = (command.status or 0) if status is None else status
+                self._completed(done, answer, command.message_id)
 
     def _completed(
         self, request: tuple[str, str, float], status: int, message_id: int | None
@@ -1080,7 +1464,7 @@ class Session:
         """A-ABORT every side that is connected; ``culprit`` (if any) gets the PS3.8 reason."""
         previous = self.state
         self.state = State.CLOSED
-        self._replies, self._holds = [], {}
+        self._replies, self._upstream_replies, self._holds = [], [], {}
         self._deferred = {Side.REQUESTER: bytearray(), Side.UPSTREAM: bytearray()}
         commands: list[Command] = []
         for side in (Side.REQUESTER, Side.UPSTREAM):

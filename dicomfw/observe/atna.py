@@ -13,8 +13,9 @@ Records become messages like this:
   Start / Application Stop (110120 / 110121), PS3.15 §A.5.3.1.
 - connection_refused, association_rejected (by the firewall), request_refused: Security Alert
   (110113, §A.5.3.11), typed Node Authentication (110126) when the peer failed to prove who it is
-  (address, TLS, AE title, certificate) and Use of Restricted Function (110132) otherwise. The
-  outcome is 4 (minor failure): the attempt happened and the firewall stopped it.
+  (address, TLS, AE title, certificate) or TLS toward the upstream failed (its certificate, or
+  ours), and Use of Restricted Function (110132) otherwise. The outcome is 4 (minor failure):
+  the attempt happened and the firewall stopped it.
 - an association that stored instances: Begin Transferring DICOM Instances (110102, dated at
   its start) and DICOM Instances Transferred (110104, at its end), §A.5.3.2 / §A.5.3.4.
 - an association that queried: Query (110112, §A.5.3.12), one per queried SOP class.
@@ -62,7 +63,8 @@ ROLE_SOURCE: Final = ("110153", "Source Role ID")
 SOP_CLASS_UID: Final = ("110181", "SOP Class UID")
 NODE_ID: Final = ("110182", "Node ID")
 
-#: Refusals that mean the peer did not prove who it is (the rest: it asked for too much).
+#: Refusals that mean a node did not prove who it is (the rest: it asked for too much): the
+#: peer, or the upstream, whose certificate did not verify or which refused the firewall's.
 _AUTHENTICATION_FAILURES: Final = frozenset(
     {
         "source_address_denied",
@@ -70,6 +72,8 @@ _AUTHENTICATION_FAILURES: Final = frozenset(
         "calling_ae_unknown",
         "source_network_denied",
         "certificate_mismatch",
+        "upstream_certificate_invalid",
+        "upstream_tls_failed",
     }
 )
 #: Rejections that are the upstream's doing or its absence: not a security event.
@@ -187,7 +191,12 @@ class Messages:
         event = record["event"]
         if event in ("application_start", "application_stop"):
             return [(record["time"], self._application(record))]
-        if event in ("connection_refused", "association_rejected", "request_refused"):
+        if event in (
+            "connection_refused",
+            "association_rejected",
+            "request_refused",
+            "content_refused",
+        ):
             return (
                 [] if record["reason"] in _NOT_ALERTS else [(record["time"], self._alert(record))]
             )

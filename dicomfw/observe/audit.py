@@ -36,6 +36,7 @@ from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
+    ContentRefused,
     Event,
     RequestFailed,
     RequestRefused,
@@ -300,7 +301,8 @@ class AuditTrail:
             )
         elif kind is AssociationEnded:
             assert isinstance(event, AssociationEnded)
-            self._association_record(info, event)
+            if event.how != "probe":  # a health check said nothing: counted, not audited
+                self._association_record(info, event)
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
             record = _who(self._pid, info, "association_rejected")
@@ -312,6 +314,31 @@ class AuditTrail:
                 detail=event.detail,
                 by_upstream=event.by_upstream,
                 rejection={"result": event.result, "source": event.source, "reason": event.reason},
+            )
+            self._submit(record)
+        elif kind is ContentRefused:
+            assert isinstance(event, ContentRefused)
+            facts = self._facts.get(id(info))
+            if facts is not None and event.side == "requester" and event.action == "refused":
+                row = facts.row(event.service, event.sop_class)
+                row[_INDEX["requests"]] += event.count
+                row[_INDEX["refused"]] += event.count
+            record = _who(self._pid, info, "content_refused")
+            record.update(
+                calling_ae=info.calling_ae,
+                called_ae=info.called_ae,
+                route=info.route,
+                side=event.side,
+                service=event.service,
+                sop_class=name_of(event.sop_class) if event.sop_class else None,
+                sop_class_uid=event.sop_class or None,
+                message_id=event.message_id,
+                action=event.action,
+                status=f"0x{event.status:04X}" if event.status else None,
+                reason=event.check,
+                kind=event.kind,
+                detail=event.detail,
+                count=event.count,
             )
             self._submit(record)
         elif kind is WouldRefuse:
@@ -334,7 +361,20 @@ class AuditTrail:
         elif kind is Refused:
             assert isinstance(event, Refused)
             record = _who(self._pid, info, "connection_refused")
-            record.update(reason=event.why, cause=event.cause or None, detail=event.detail)
+            presented = event.certificate
+            record.update(
+                reason=event.why,
+                cause=event.cause or None,
+                detail=event.detail,
+                presented_certificate=None
+                if presented is None
+                else {
+                    "subject": presented.subject,
+                    "issuer": presented.issuer,
+                    "serial": presented.serial,
+                    "sha256": presented.sha256,
+                },
+            )
             self._submit(record)
 
     def _request_record(
@@ -413,7 +453,12 @@ def _who(pid: int, info: AssociationInfo, name: str) -> Record:
         },
         "certificate": None
         if identity is None
-        else {"subject_cn": identity.subject_cn, "sha256": identity.fingerprint_sha256},
+        else {
+            "subject_cn": identity.subject_cn,
+            "san_dns": list(identity.san_dns),
+            "san_uri": list(identity.san_uri),
+            "sha256": identity.fingerprint_sha256,
+        },
     }
 
 

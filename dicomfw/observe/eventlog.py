@@ -13,10 +13,12 @@ from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
+    ContentRefused,
     Event,
     RequestFailed,
     RequestRefused,
     RequestTally,
+    Scanned,
     WouldRefuse,
 )
 from dicomfw.core.uids import name_of
@@ -32,6 +34,7 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
     if kind is RequestTally:  # about once a second per association: keep it cheap
         assert isinstance(event, RequestTally)
         info.requests += sum(counts.completed for counts in event.counts.values())
+        info.requests_sent += sum(counts.forwarded for counts in event.counts.values())
         return
     if kind is RequestFailed:  # the audit trail records each one
         return
@@ -41,8 +44,18 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
         "via": info.proxied_by,  # the load balancer that reported ``peer`` (PROXY protocol)
     }
     if isinstance(event, Refused):
+        presented = event.certificate  # a refused TLS client's certificate: which one it was
         log_event(
-            log, logging.WARNING, "connection_refused", **where, why=event.why, detail=event.detail
+            log,
+            logging.WARNING,
+            "connection_refused",
+            **where,
+            why=event.why,
+            cause=event.cause or None,
+            detail=event.detail,
+            subject=presented.subject if presented is not None else None,
+            issuer=presented.issuer if presented is not None else None,
+            serial=presented.serial if presented is not None else None,
         )
     elif isinstance(event, AssociationRejected):
         log_event(
@@ -95,6 +108,35 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             count=event.count,
             detail=event.detail,
         )
+    elif isinstance(event, ContentRefused):
+        log_event(
+            log,
+            logging.WARNING,
+            "content_refused",
+            **where,
+            calling_ae=info.calling_ae,
+            side=event.side,
+            service=event.service,
+            sop_class=name_of(event.sop_class) if event.sop_class else None,
+            check=event.check,
+            action=event.action,
+            status=f"0x{event.status:04X}" if event.status else None,
+            count=event.count,
+            detail=event.detail,
+        )
+    elif isinstance(event, Scanned):
+        log_event(
+            log,
+            logging.DEBUG if event.result == "clean" else logging.WARNING,
+            "scanned",
+            **where,
+            calling_ae=info.calling_ae,
+            side=event.side,
+            service=event.service,
+            sop_class=name_of(event.sop_class) if event.sop_class else None,
+            result=event.result,
+            detail=event.detail or None,
+        )
     elif isinstance(event, WouldRefuse):
         log_event(
             log,
@@ -111,6 +153,9 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             count=event.count,
             detail=event.detail,
         )
+    elif isinstance(event, AssociationEnded) and event.how == "probe":
+        # a balancer's or a monitor's health check: connected, closed, said nothing
+        log_event(log, logging.INFO, "probe", **where)
     elif isinstance(event, AssociationEnded):
         log_event(
             log,
@@ -123,7 +168,8 @@ def log_observer(info: AssociationInfo, event: Event | Refused) -> None:
             why=event.why,
             detail=event.detail or None,
             seconds=round(time.monotonic() - info.started, 3),
-            bytes_in=info.bytes_from_requester,
-            bytes_out=info.bytes_from_upstream,
-            requests=info.requests,
+            bytes_from_requester=info.bytes_from_requester,
+            bytes_from_upstream=info.bytes_from_upstream,
+            requests_sent=info.requests_sent,
+            requests_answered=info.requests,
         )

@@ -24,7 +24,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
@@ -48,15 +48,18 @@ from dicomfw.core.session import (
     AssociationAccepted,
     AssociationEnded,
     AssociationRejected,
+    ContentRefused,
     Event,
     RequestRefused,
     RequestTally,
+    Scanned,
     WouldRefuse,
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
 from dicomfw.observe.health import Health, with_health
 from dicomfw.relay.server import AssociationInfo, Refused
+from dicomfw.relay.tlsfiles import TlsFileError, next_update, read_crls
 
 log = logging.getLogger("dicomfw.metrics")
 
@@ -70,6 +73,10 @@ PROTOCOL_REFUSALS: Final = frozenset(
         "idle_timeout",
         "too_many_refusals",
     }
+)
+#: Rejections because the upstream connection failed (``Session.upstream_failed``).
+UPSTREAM_FAILURES: Final = frozenset(
+    {"upstream_unreachable", "upstream_certificate_invalid", "upstream_tls_failed"}
 )
 NONE: Final = "none"  # label value: no route (yet)
 UNKNOWN: Final = "unknown"  # label value: an AE title that is no configured peer
@@ -111,6 +118,21 @@ class Metrics:
             "What the firewall refused, by stage (connection, association, context, request, "
             "protocol) and stable reason.",
             ["listener", "stage", "reason"],
+            registry=r,
+        )
+        self.content = Counter(
+            "dicomfw_content_refusals_total",
+            "Data sets content validation refused, by whose message it was (side), check and "
+            "what the firewall did (refused: answered; replaced: a response replaced by a "
+            "failure; aborted: found after forwarding began).",
+            ["listener", "side", "check", "action"],
+            registry=r,
+        )
+        self.scans = Counter(
+            "dicomfw_scans_total",
+            "Data sets handed to the external scanner, by result: clean, found, error (it "
+            "could not answer; the route's fail decided), skipped (larger than it takes).",
+            ["listener", "result"],
             registry=r,
         )
         self.would_refuse = Counter(
@@ -156,8 +178,10 @@ class Metrics:
         )
         self.upstream_failures = Counter(
             "dicomfw_upstream_connect_failures_total",
-            "Upstream connections that failed (refused, unreachable, TLS, timeout).",
-            ["upstream"],
+            "Upstream connections that failed, by cause: refused, timeout, unreachable, "
+            "connection_lost, certificate_invalid (its certificate did not verify), "
+            "tls_handshake_failed (e.g. it refused ours), other.",
+            ["upstream", "cause"],
             registry=r,
         )
         self.reloads = Counter(
@@ -182,6 +206,14 @@ class Metrics:
         self.not_after = Gauge(
             "dicomfw_certificate_not_after_timestamp_seconds",
             "Expiry (notAfter, Unix time) of the earliest-expiring certificate in each file.",
+            ["file", "role"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.crl_next_update = Gauge(
+            "dicomfw_crl_next_update_timestamp_seconds",
+            "nextUpdate (Unix time) of the soonest CRL in each CRL file a listener loads: past "
+            "it, the listener refuses every client certificate.",
             ["file", "role"],
             registry=r,
             multiprocess_mode="livemostrecent",
@@ -234,7 +266,7 @@ class Metrics:
         self._sop_labels: dict[str, str] = {}
         self._upstream_of_route: dict[str, str] = {}
         self._rules_hash = ""
-        self._certificates: set[tuple[str, str]] = set()
+        self._file_series: dict[Gauge, set[tuple[str, str]]] = {}  # see ``_set_moments``
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see ``_child``
         self._instance = ""
 
@@ -269,17 +301,28 @@ class Metrics:
         self._set_certificates(config)
 
     def _set_certificates(self, config: Config) -> None:
+        self._set_moments(self.not_after, config.certificate_files(), _earliest_not_after)
+        self._set_moments(self.crl_next_update, config.crl_files(), _earliest_next_update)
+
+    def _set_moments(
+        self,
+        gauge: Gauge,
+        files: Iterable[tuple[str, Path]],
+        read: Callable[[Path], float | None],
+    ) -> None:
+        """One series per (file, role) with the moment ``read`` finds in it; the series of
+        files the rules no longer name go."""
         current: set[tuple[str, str]] = set()
-        for role, path in config.certificate_files():
-            expiry = _earliest_not_after(path)
-            if expiry is None:
+        for role, path in files:
+            moment = read(path)
+            if moment is None:
                 continue
             key = (str(path), role)
-            self.not_after.labels(*key).set(expiry)
+            gauge.labels(*key).set(moment)
             current.add(key)
-        for key in self._certificates - current:
-            self.not_after.remove(*key)
-        self._certificates = current
+        for key in self._file_series.get(gauge, set()) - current:
+            gauge.remove(*key)
+        self._file_series[gauge] = current
 
     def reload_succeeded(self, config: Config) -> None:
         self.reloads.labels("success").inc()
@@ -320,6 +363,21 @@ class Metrics:
             sop_class = self._sop_labels.get(event.sop_class, OTHER)
             self._child(self.requests, route, event.service, sop_class, "failure").inc(event.count)
             self._child(self.refusals, info.listener, "request", event.why).inc(event.count)
+        elif kind is ContentRefused:
+            assert isinstance(event, ContentRefused)
+            if event.side == "requester" and event.action == "refused":
+                route = info.route or NONE
+                sop_class = self._sop_labels.get(event.sop_class, OTHER)
+                self._child(self.requests, route, event.service, sop_class, "failure").inc(
+                    event.count
+                )
+            self._child(self.refusals, info.listener, "content", event.check).inc(event.count)
+            self._child(self.content, info.listener, event.side, event.check, event.action).inc(
+                event.count
+            )
+        elif kind is Scanned:
+            assert isinstance(event, Scanned)
+            self._child(self.scans, info.listener, event.result).inc()
         elif kind is WouldRefuse:
             assert isinstance(event, WouldRefuse)
             self._child(self.would_refuse, info.listener, event.stage, event.why).inc(event.count)
@@ -332,9 +390,10 @@ class Metrics:
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
             self._child(self.refusals, info.listener, "association", event.why).inc()
-            if event.why == "upstream_unreachable":
+            if event.why in UPSTREAM_FAILURES:
                 upstream = self._upstream_of_route.get(info.route or "", UNKNOWN)
-                self._child(self.upstream_failures, upstream).inc()
+                cause = info.upstream_failure or OTHER
+                self._child(self.upstream_failures, upstream, cause).inc()
             self._ended(info, "rejected")
         elif kind is AssociationEnded:
             assert isinstance(event, AssociationEnded)
@@ -390,6 +449,16 @@ def _earliest_not_after(path: Path) -> float | None:
         log_event(log, logging.WARNING, "certificate_unreadable", file=str(path), error=error)
         return None
     return min(c.not_valid_after_utc.timestamp() for c in certificates)
+
+
+def _earliest_next_update(path: Path) -> float | None:
+    """The soonest nextUpdate among the CRLs in ``path``."""
+    try:
+        moment = next_update(read_crls(path))
+    except TlsFileError as error:
+        log_event(log, logging.WARNING, "crl_unreadable", file=str(path), error=error.message)
+        return None
+    return moment.timestamp() if moment is not None else None
 
 
 class MetricsServer:

@@ -18,10 +18,11 @@ unencrypted (the daemon starts unattended) with mode 0600 from the moment they a
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,6 +45,16 @@ from cryptography.x509.verification import (
 )
 
 from dicomfw.errors import DicomfwError
+from dicomfw.relay.tlsfiles import (
+    TlsFileError,
+    certificates_in,
+    crl_issuer,
+    holds_crls,
+    is_ca,
+    read_crls,
+    read_pair,
+    same_public_key,
+)
 
 __all__ = [
     "AE_URI_PREFIX",
@@ -152,6 +163,28 @@ class CertInfo:
         return self.not_after <= now + timedelta(days=days)
 
 
+@dataclass(frozen=True)
+class CrlInfo:
+    """What an admin needs to know about one CRL (RFC 5280 §5.1 fields, decoded).
+
+    ``revoked`` holds (serial as ``openssl crl`` prints it, revocation date). ``issuer_ok`` is
+    None when no CA was given, else whether a CA given issued and signed the CRL.
+    """
+
+    issuer: str
+    number: int | None
+    this_update: datetime
+    next_update: datetime | None
+    revoked: tuple[tuple[str, datetime], ...]
+    issuer_ok: bool | None
+
+    def days_left(self, now: datetime) -> int | None:
+        """Whole days until nextUpdate, rounded down; negative once it has passed."""
+        if self.next_update is None:
+            return None
+        return (self.next_update - now) // timedelta(days=1)
+
+
 # --- AE title binding -------------------------------------------------------------------------
 
 
@@ -202,6 +235,15 @@ def _read(path: Path) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise CertError(exc.strerror or str(exc), path) from exc
+
+
+@contextlib.contextmanager
+def _file_errors() -> Iterator[None]:
+    """A ``tlsfiles`` reader's error as a CertError on the same file."""
+    try:
+        yield
+    except TlsFileError as exc:
+        raise CertError(exc.message, exc.path) from exc
 
 
 def _stage(path: Path, data: bytes, mode: int) -> Path:
@@ -274,23 +316,16 @@ def _cert_pem(cert: x509.Certificate) -> bytes:
 
 
 def _load_certs(path: Path) -> list[x509.Certificate]:
-    try:
-        return x509.load_pem_x509_certificates(_read(path))
-    except ValueError as exc:
-        raise CertError(f"no readable PEM certificate: {exc}", path) from exc
+    data = _read(path)
+    with _file_errors():
+        return certificates_in(path, "cert", data)
 
 
-def _load_key(path: Path, password: bytes | None = None) -> PrivateKeyTypes:
+def _load_key(path: Path) -> PrivateKeyTypes:
     try:
-        return serialization.load_pem_private_key(_read(path), password=password)
+        return serialization.load_pem_private_key(_read(path), password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
         raise CertError(f"cannot load the private key: {exc}", path) from exc
-
-
-def _same_public_key(cert: x509.Certificate, key: PrivateKeyTypes) -> bool:
-    der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    mine: bytes = key.public_key().public_bytes(der, spki)
-    return mine == cert.public_key().public_bytes(der, spki)
 
 
 # --- building blocks --------------------------------------------------------------------------
@@ -374,18 +409,11 @@ def _load_ca(ca_dir: Path) -> tuple[x509.Certificate, SigningKey]:
     ca_key = _load_key(key_path)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
         raise CertError("CA key must be EC or RSA", key_path)
-    if not _same_public_key(ca_cert, ca_key):
+    if not same_public_key(ca_cert, ca_key):
         raise CertError(f"key does not match the CA certificate {cert_path}", key_path)
-    if not _is_ca(ca_cert):
+    if not is_ca(ca_cert):
         raise CertError("not a CA certificate (basicConstraints cA is not set)", cert_path)
     return ca_cert, ca_key
-
-
-def _is_ca(cert: x509.Certificate) -> bool:
-    try:
-        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-    except x509.ExtensionNotFound:
-        return False
 
 
 # --- operations -------------------------------------------------------------------------------
@@ -579,43 +607,38 @@ def make_csr(
     return paths
 
 
-def revoke(ca_dir: Path, cert_path: Path, crl_path: Path, days: int = 30) -> None:
-    """Add the certificate's serial to the CA's CRL at ``crl_path`` (created when missing).
+def _crl_entries(
+    crl_path: Path, ca_dir: Path, ca_cert: x509.Certificate
+) -> tuple[list[x509.RevokedCertificate], int]:
+    """What the CA's CRL at ``crl_path`` lists and its cRLNumber (none and 0 when missing)."""
+    if not crl_path.exists():
+        return [], 0
+    with _file_errors():
+        old = read_crls(crl_path)[0]
+    if crl_issuer(old, [ca_cert]) is None:
+        raise CertError(f"CRL was not signed by the CA in {ca_dir}", crl_path)
+    numbers = [e.value.crl_number for e in old.extensions if isinstance(e.value, x509.CRLNumber)]
+    return list(old), max(numbers, default=0)
 
-    A CRL (RFC 5280 §5) is how a TLS peer learns that a certificate it would otherwise accept
-    (a stolen laptop, a retired modality) must be refused. Earlier entries are kept, the
-    cRLNumber grows by one (§5.2.3) and the authorityKeyIdentifier names the CA (§5.2.1).
-    The CRL is valid for ``days``: peers that check CRLs refuse *every* certificate once
-    nextUpdate has passed, so re-run this (any serial already listed is kept once) in time.
-    """
+
+def _issue_crl(
+    ca: tuple[x509.Certificate, SigningKey],
+    ca_dir: Path,
+    crl_path: Path,
+    days: int,
+    revoke: x509.Certificate | None = None,
+) -> CrlInfo:
+    """Sign the CA's CRL anew: what it listed (plus ``revoke``), a cRLNumber one higher
+    (RFC 5280 §5.2.3), the authorityKeyIdentifier naming the CA (§5.2.1), and a nextUpdate
+    ``days`` from now; then replace ``crl_path`` atomically."""
     _check_days(days)
-    ca_cert, ca_key = _load_ca(ca_dir)
-    cert = _load_certs(cert_path)[0]
-    try:
-        cert.verify_directly_issued_by(ca_cert)
-    except (ValueError, TypeError, InvalidSignature) as exc:
-        raise CertError(f"not issued by the CA in {ca_dir}", cert_path) from exc
+    ca_cert, ca_key = ca
     now = datetime.now(UTC)
-    revoked: list[x509.RevokedCertificate] = []
-    crl_number = 1
-    if crl_path.exists():
-        try:
-            old = x509.load_pem_x509_crl(_read(crl_path))
-        except ValueError as exc:
-            raise CertError(f"not a PEM CRL: {exc}", crl_path) from exc
-        if old.issuer != ca_cert.subject or not old.is_signature_valid(
-            _public_signing_key(ca_cert)
-        ):
-            raise CertError(f"CRL was not signed by the CA in {ca_dir}", crl_path)
-        revoked = list(old)
-        numbers = [
-            e.value.crl_number for e in old.extensions if isinstance(e.value, x509.CRLNumber)
-        ]
-        crl_number = max(numbers, default=0) + 1
-    if all(entry.serial_number != cert.serial_number for entry in revoked):
+    revoked, crl_number = _crl_entries(crl_path, ca_dir, ca_cert)
+    if revoke is not None and all(e.serial_number != revoke.serial_number for e in revoked):
         revoked.append(
             x509.RevokedCertificateBuilder()
-            .serial_number(cert.serial_number)
+            .serial_number(revoke.serial_number)
             .revocation_date(now)
             .build()
         )
@@ -624,7 +647,7 @@ def revoke(ca_dir: Path, cert_path: Path, crl_path: Path, days: int = 30) -> Non
         .issuer_name(ca_cert.subject)
         .last_update(now)
         .next_update(now + timedelta(days=days))
-        .add_extension(x509.CRLNumber(crl_number), critical=False)
+        .add_extension(x509.CRLNumber(crl_number + 1), critical=False)
         .add_extension(_authority_key_id(ca_cert), critical=False)
     )
     for entry in revoked:
@@ -633,6 +656,71 @@ def revoke(ca_dir: Path, cert_path: Path, crl_path: Path, days: int = 30) -> Non
     _write_files(
         [(crl_path, crl.public_bytes(serialization.Encoding.PEM), CERT_MODE)], overwrite=True
     )
+    return describe_crl(crl, [ca_cert])
+
+
+def revoke(ca_dir: Path, cert_path: Path, crl_path: Path, days: int = 30) -> CrlInfo:
+    """Add the certificate's serial to the CA's CRL at ``crl_path`` (created when missing).
+
+    A CRL (RFC 5280 §5) is how a TLS peer learns that a certificate it would otherwise accept
+    (a stolen laptop, a retired modality) must be refused. Earlier entries are kept (a serial
+    already listed is kept once). The CRL is valid for ``days``: peers that check CRLs refuse
+    *every* certificate once nextUpdate has passed, so ``renew_crl`` must run before then.
+    """
+    ca = _load_ca(ca_dir)
+    cert = _load_certs(cert_path)[0]
+    try:
+        cert.verify_directly_issued_by(ca[0])
+    except (ValueError, TypeError, InvalidSignature) as exc:
+        raise CertError(f"not issued by the CA in {ca_dir}", cert_path) from exc
+    return _issue_crl(ca, ca_dir, crl_path, days, cert)
+
+
+def renew_crl(ca_dir: Path, crl_path: Path, days: int = 30) -> CrlInfo:
+    """Issue the CA's CRL again with what it lists and a new nextUpdate ``days`` from now, or
+    an empty one when ``crl_path`` does not exist yet: for cron or a systemd timer, well before
+    nextUpdate (a listener that loaded an expired CRL refuses every client)."""
+    return _issue_crl(_load_ca(ca_dir), ca_dir, crl_path, days)
+
+
+#: What a certificate is for, by the role its endpoint plays in the handshake.
+_PURPOSE: Final = {
+    "server": ExtendedKeyUsageOID.SERVER_AUTH,
+    "client": ExtendedKeyUsageOID.CLIENT_AUTH,
+}
+_ROLE_HINT: Final = {
+    "server": "a listener presents it to its clients: issue one with --kind server",
+    "client": "dicomfw presents it to an upstream: issue one with --kind client",
+}
+
+
+def role_problem(cert: x509.Certificate, presents: str) -> str | None:
+    """Why ``cert`` cannot be the certificate a TLS ``presents`` ("server": a listener's,
+    "client": the one dicomfw shows an upstream), or None when it can.
+
+    RFC 5280 §4.2.1.12: an extendedKeyUsage must list the purpose (or anyExtendedKeyUsage);
+    without one any purpose goes. §4.2.1.3: a keyUsage must allow digitalSignature, since with
+    BCP 195's ECDHE suites and in TLS 1.3 (RFC 8446 §4.4.3) the certificate's key signs the
+    handshake. OpenSSL refuses such a certificate in the peer's handshake, not when it loads.
+    """
+    wanted = _PURPOSE[presents]
+    try:
+        purposes = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        purposes = [wanted]
+    if not {wanted, ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(purposes):
+        names = ", ".join(_EKU_NAMES.get(oid, oid.dotted_string) for oid in purposes)
+        return (
+            f"its extendedKeyUsage ({names}) does not allow {_EKU_NAMES[wanted]}"
+            f" ({_ROLE_HINT[presents]})"
+        )
+    try:
+        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    if not usage.digital_signature:
+        return "its keyUsage does not allow digitalSignature, which TLS needs to sign the handshake"
+    return None
 
 
 def install(
@@ -641,26 +729,27 @@ def install(
     dest_cert: Path,
     dest_key: Path,
     ca: Path | None = None,
-    key_password: bytes | None = None,
+    key_password_file: Path | None = None,
+    presents: str | None = None,
 ) -> InstalledPair:
     """Rotate: check a new certificate/key pair, then atomically put it where the daemon reads.
 
     Checked before anything is written: the key belongs to the certificate (the first one in
-    ``cert``; any following ones are intermediates), the certificate is valid now, and, given
-    ``ca``, it chains to that CA as a TLS peer would check it (RFC 5280 §6 path validation).
-    Each destination is replaced by ``os.replace`` of an fsynced file in the same directory
-    (the key created 0600), so the daemon never reads half a file; the pair it replaces is kept
-    as ``<dest>.prev``. Reload the daemon afterwards; it keeps its old context when the new
-    pair fails to load. The files are copied byte for byte: an encrypted key stays encrypted,
-    ``key_password`` only opens it for the check.
+    ``cert``; any following ones are intermediates), the certificate is valid now, given
+    ``presents`` ("server" for a listener, "client" for an upstream) it is fit for that role
+    (``role_problem``), and given ``ca`` it chains to that CA as a TLS peer would check it
+    (RFC 5280 §6 path validation). Each destination is replaced by ``os.replace`` of an
+    fsynced file in the same directory (the key created 0600), so the daemon never reads half
+    a file; the pair it replaces is kept as ``<dest>.prev``. Reload the daemon afterwards; it
+    keeps its old context when the new pair fails to load. The files are copied byte for byte:
+    an encrypted key stays encrypted, ``key_password_file`` only opens it for the check.
     """
     if dest_cert == dest_key:
         raise CertError("the certificate and the key need separate destination files", dest_key)
     cert_bytes, key_bytes = _read(cert), _read(key)
-    chain = _load_certs(cert)
+    with _file_errors():
+        chain = read_pair(cert, key, key_password_file).chain
     leaf = chain[0]
-    if not _same_public_key(leaf, _load_key(key, key_password)):
-        raise CertError(f"private key does not match the certificate {cert}", key)
     now = datetime.now(UTC)
     if not leaf.not_valid_before_utc <= now <= leaf.not_valid_after_utc:
         raise CertError(
@@ -668,8 +757,11 @@ def install(
             f" to {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC)",
             cert,
         )
+    problem = role_problem(leaf, presents) if presents is not None else None
+    if problem is not None:
+        raise CertError(f"not a {presents} certificate: {problem}", cert)
     if ca is not None:
-        problem = _chain_problem(leaf, chain[1:], _load_certs(ca), now)
+        problem = chain_problem(leaf, chain[1:], _load_certs(ca), now)
         if problem is not None:
             raise CertError(f"does not chain to {ca}: {problem}", cert)
     files: list[tuple[Path, bytes, int]] = []
@@ -702,7 +794,7 @@ def _tls_purpose(
         raise ValueError("extendedKeyUsage allows neither serverAuth nor clientAuth")
 
 
-def _chain_problem(
+def chain_problem(
     cert: x509.Certificate,
     untrusted: list[x509.Certificate],
     anchors: list[x509.Certificate],
@@ -715,7 +807,7 @@ def _chain_problem(
     and the purpose may be server or client. A CA certificate passes when it is one of the
     anchors or is signed directly by one.
     """
-    if _is_ca(cert):
+    if is_ca(cert):
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
             return "the CA certificate is not valid at this time"
         for anchor in anchors:
@@ -808,10 +900,15 @@ def _info(
         extended_key_usage=ekus,
         key_type=key_type,
         key_size=key_size,
-        is_ca=_is_ca(cert),
+        is_ca=is_ca(cert),
         chain_ok=(chain_problem is None) if checked else None,
         chain_error=chain_problem,
     )
+
+
+def describe(cert: x509.Certificate, now: datetime) -> CertInfo:
+    """What ``cert`` holds, its chain not checked."""
+    return _info(cert, None, False, now)
 
 
 def inspect(path: Path, ca: Path | None = None, now: datetime | None = None) -> list[CertInfo]:
@@ -827,9 +924,39 @@ def inspect(path: Path, ca: Path | None = None, now: datetime | None = None) -> 
     for cert in certs:
         problem = None
         if ca is not None:
-            problem = _chain_problem(cert, [c for c in certs if c is not cert], anchors, when)
+            problem = chain_problem(cert, [c for c in certs if c is not cert], anchors, when)
         infos.append(_info(cert, problem, ca is not None, when))
     return infos
+
+
+def describe_crl(
+    crl: x509.CertificateRevocationList, cas: list[x509.Certificate] | None
+) -> CrlInfo:
+    number: int | None = None
+    with contextlib.suppress(x509.ExtensionNotFound):
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    return CrlInfo(
+        issuer=crl.issuer.rfc4514_string(),
+        number=number,
+        this_update=crl.last_update_utc,
+        next_update=crl.next_update_utc,
+        revoked=tuple((_serial_hex(e.serial_number), e.revocation_date_utc) for e in crl),
+        issuer_ok=None if cas is None else crl_issuer(crl, cas) is not None,
+    )
+
+
+def is_crl_file(path: Path) -> bool:
+    """Whether ``path`` holds CRLs (PEM, or DER) rather than certificates: ``certs show`` and
+    ``check`` take both."""
+    return holds_crls(_read(path))
+
+
+def inspect_crls(path: Path, ca: Path | None = None) -> list[CrlInfo]:
+    """Describe every CRL in the PEM file ``path``; given ``ca``, check who signed each."""
+    with _file_errors():
+        crls = read_crls(path)
+    cas = _load_certs(ca) if ca is not None else None
+    return [describe_crl(crl, cas) for crl in crls]
 
 
 def expiring(

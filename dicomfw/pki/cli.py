@@ -1,7 +1,7 @@
 """``dicomfw certs …``: argparse wiring for the certificate life cycle in :mod:`dicomfw.pki.certs`.
 
-Exit status: 0 done / all good, 1 ``check`` found certificates to act on, 2 an error, printed
-to stderr as ``dicomfw certs: <file>: <problem>``.
+Exit status: 0 done / all good, 1 ``check`` found certificates, keys, CAs or CRLs to act on
+(``dicomfw.pki.checks``), 2 an error, printed to stderr as ``dicomfw certs: <file>: <problem>``.
 """
 
 from __future__ import annotations
@@ -10,13 +10,16 @@ import argparse
 import functools
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 from dicomfw.config.load import load_config
+from dicomfw.config.model import Config, TlsEndpoint
 from dicomfw.errors import ConfigErrors
 from dicomfw.pki import certs
-from dicomfw.pki.certs import CertError, CertInfo
+from dicomfw.pki.certs import CertError, CertInfo, CrlInfo
+from dicomfw.pki.checks import check_config, check_paths, date, span
+from dicomfw.relay.tlsfiles import CRL_WARN_DAYS, TlsFileError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -28,7 +31,7 @@ def _reports_errors(handler: Handler) -> Handler:
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
-        except CertError as exc:
+        except (CertError, TlsFileError) as exc:
             sys.stderr.write(f"dicomfw certs: {exc}\n")
             return 2
 
@@ -40,10 +43,6 @@ def _non_negative(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
-
-
-def _date(moment: datetime) -> str:
-    return f"{moment:%Y-%m-%d %H:%M} UTC"
 
 
 @_reports_errors
@@ -77,7 +76,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     info = certs.inspect(paths.cert)[0]
     sys.stdout.write(
         f"wrote {paths.cert} ({args.kind} certificate {info.subject}, serial {info.serial},"
-        f" valid until {_date(info.not_after)})\n"
+        f" valid until {date(info.not_after)})\n"
         f"wrote {paths.key} (mode 0600)\n"
     )
     return 0
@@ -105,29 +104,82 @@ def cmd_csr(args: argparse.Namespace) -> int:
 def cmd_revoke(args: argparse.Namespace) -> int:
     """``certs revoke``: add a certificate to the site CA's CRL."""
     info = certs.inspect(args.cert)[0]
-    certs.revoke(args.ca, args.cert, args.crl, days=args.days)
+    crl = certs.revoke(args.ca, args.cert, args.crl, days=args.days)
     sys.stdout.write(
-        f"revoked serial {info.serial} ({info.subject}) in {args.crl}, a CRL valid for"
-        f" {args.days} days: run revoke again before then, and reload dicomfw to apply\n"
+        f"revoked serial {info.serial} ({info.subject}) in {args.crl}{_crl_validity(crl, args)}"
     )
     return 0
 
 
 @_reports_errors
+def cmd_crl(args: argparse.Namespace) -> int:
+    """``certs crl``: issue the site CA's CRL again with a new nextUpdate (cron, timers)."""
+    crl = certs.renew_crl(args.ca, args.crl, days=args.days)
+    listed = f"{len(crl.revoked)} revoked serial(s)"
+    sys.stdout.write(
+        f"wrote {args.crl}, CRL number {crl.number} with {listed}{_crl_validity(crl, args)}"
+    )
+    return 0
+
+
+def _crl_validity(crl: CrlInfo, args: argparse.Namespace) -> str:
+    """Until when the CRL just written is valid, and what has to happen before then."""
+    assert crl.next_update is not None  # dicomfw always writes one
+    return (
+        f", valid until {date(crl.next_update)} ({args.days} days): renew it before then"
+        f" (dicomfw certs crl --ca {args.ca} --crl {args.crl}, e.g. from"
+        " systemd/dicomfw-crl.timer), and reload dicomfw to apply\n"
+    )
+
+
+def _endpoint(args: argparse.Namespace) -> TlsEndpoint:
+    """The listener or upstream ``--listener``/``--upstream`` names in the ``--config`` rules."""
+    config = _rules(args.config)
+    kind, name = ("listener", args.listener) if args.listener else ("upstream", args.upstream)
+    found = [e for e in config.tls_endpoints() if (e.kind, e.name) == (kind, name)]
+    if not found or found[0].cert is None or found[0].key is None:
+        defined = [e.name for e in config.tls_endpoints() if e.kind == kind and e.cert]
+        raise CertError(
+            f"no {kind} {name!r} with a TLS certificate and key"
+            f" (defined: {', '.join(defined) or 'none'})",
+            args.config,
+        )
+    return found[0]
+
+
+@_reports_errors
 def cmd_install(args: argparse.Namespace) -> int:
     """``certs install`` / ``certs rotate``: check a new pair and swap it in atomically."""
-    password = None
-    if args.key_password_file is not None:
-        try:
-            password = args.key_password_file.read_bytes().strip()
-        except OSError as exc:
-            raise CertError(exc.strerror or str(exc), args.key_password_file) from exc
+    dest_cert, dest_key, ca = args.dest_cert, args.dest_key, args.ca
+    password_file, presents = args.key_password_file, args.kind
+    if args.config is not None:
+        if args.listener is None and args.upstream is None:
+            raise CertError("with --config, name --listener NAME or --upstream NAME")
+        endpoint = _endpoint(args)
+        dest_cert, dest_key, presents = endpoint.cert, endpoint.key, endpoint.presents
+        ca = ca or endpoint.ca
+        password_file = password_file or endpoint.key_password_file
+    elif dest_cert is None or dest_key is None:
+        raise CertError(
+            "give --dest-cert and --dest-key, or --config RULES with --listener/--upstream"
+        )
     pair = certs.install(
-        args.cert, args.key, args.dest_cert, args.dest_key, ca=args.ca, key_password=password
+        args.cert,
+        args.key,
+        dest_cert,
+        dest_key,
+        ca=ca,
+        key_password_file=password_file,
+        presents=presents,
     )
+    checked = [f"a {presents} certificate"] if presents else []
+    checked += [f"chains to {ca}"] if ca is not None else []
     backups = [p for p in (pair.previous_cert, pair.previous_key) if p is not None]
     kept = f"; kept the previous files as {', '.join(map(str, backups))}" if backups else ""
-    sys.stdout.write(f"installed {pair.cert} and {pair.key}{kept}; reload dicomfw to use them\n")
+    sys.stdout.write(
+        f"installed {pair.cert} and {pair.key} ({', '.join(['key matches', *checked])}){kept};"
+        " reload dicomfw to use them\n"
+    )
     return 0
 
 
@@ -140,18 +192,13 @@ def _sans(info: CertInfo) -> str:
     return ", ".join(names) or "none"
 
 
-def _days_ago(info: CertInfo, now: datetime) -> int:
-    """Whole days since an expired certificate ran out (``days_left`` rounds the other way)."""
-    return (now - info.not_after) // timedelta(days=1)
-
-
 def _validity(info: CertInfo, now: datetime) -> str:
-    span = f"{_date(info.not_before)} to {_date(info.not_after)}"
-    if info.days_left < 0:
-        return f"{span} (EXPIRED {_days_ago(info, now)} days ago)"
+    period = f"{date(info.not_before)} to {date(info.not_after)}"
+    if info.not_after <= now:
+        return f"{period} (EXPIRED {span(now - info.not_after)} ago)"
     if info.not_before > now:
-        return f"{span} (NOT YET VALID)"
-    return f"{span} ({info.days_left} days left)"
+        return f"{period} (NOT YET VALID)"
+    return f"{period} ({span(info.not_after - now)} left)"
 
 
 def _chain(info: CertInfo) -> str:
@@ -180,69 +227,85 @@ def _show(path: Path, infos: Sequence[CertInfo], now: datetime) -> str:
             ("valid", _validity(info, now)),
             ("chain", _chain(info)),
         ]
-        blocks.append(title + "\n" + "".join(f"  {k:<11} {v}\n" for k, v in rows))
+        blocks.append(_rows(title, rows))
+    return "\n".join(blocks)
+
+
+def _rows(title: str, rows: Sequence[tuple[str, str]]) -> str:
+    return title + "\n" + "".join(f"  {k:<11} {v}\n" for k, v in rows)
+
+
+def _next_update(info: CrlInfo, now: datetime) -> str:
+    if info.next_update is None:
+        return "none given"
+    if info.next_update <= now:
+        return (
+            f"{date(info.next_update)} (EXPIRED {span(now - info.next_update)} ago:"
+            " listeners that load it refuse every client)"
+        )
+    return f"{date(info.next_update)} ({span(info.next_update - now)} left)"
+
+
+def _show_crls(path: Path, infos: Sequence[CrlInfo], now: datetime) -> str:
+    blocks = []
+    for index, info in enumerate(infos, 1):
+        title = f"{path} [{index}/{len(infos)}]" if len(infos) > 1 else str(path)
+        revoked = [f"{serial} (revoked {date(when)})" for serial, when in info.revoked]
+        signed = {None: "not checked (give --ca)", True: "ok", False: "FAILED: not by this CA"}
+        rows = [
+            ("CRL of", info.issuer),
+            ("number", str(info.number) if info.number is not None else "none"),
+            ("this update", date(info.this_update)),
+            ("next update", _next_update(info, now)),
+            ("revoked", f"{len(info.revoked)} serial(s)"),
+            *(("", line) for line in revoked),
+            ("signature", signed[info.issuer_ok]),
+        ]
+        blocks.append(_rows(title, rows))
     return "\n".join(blocks)
 
 
 @_reports_errors
 def cmd_show(args: argparse.Namespace) -> int:
-    """``certs show``: what each certificate holds, for an admin to read."""
+    """``certs show``: what each certificate or CRL holds, for an admin to read."""
     now = datetime.now(UTC)
-    blocks = [_show(path, certs.inspect(path, ca=args.ca, now=now), now) for path in args.paths]
+    blocks = [
+        _show_crls(path, certs.inspect_crls(path, ca=args.ca), now)
+        if certs.is_crl_file(path)
+        else _show(path, certs.inspect(path, ca=args.ca, now=now), now)
+        for path in args.paths
+    ]
     sys.stdout.write("\n".join(blocks))
     return 0
 
 
-def _problems(info: CertInfo, warn_days: int, now: datetime) -> list[str]:
-    if info.days_left < 0:
-        return [f"EXPIRED on {_date(info.not_after)} ({_days_ago(info, now)} days ago)"]
-    if info.not_before > now:
-        return [f"not valid before {_date(info.not_before)}"]
-    # Past this point the certificate itself is valid now: a chain failure is news.
-    problems = []
-    if info.expires_within(warn_days, now):
-        problems.append(f"expires on {_date(info.not_after)} ({info.days_left} days left)")
-    if info.chain_ok is False:
-        problems.append(f"chain check failed: {info.chain_error}")
-    return problems
-
-
-def check_paths(paths: Sequence[Path], warn_days: int, ca: Path | None) -> tuple[int, str]:
-    """Check every certificate in ``paths``; return the exit status and the text to print.
-
-    Status 1 lists each certificate that has expired, expires within ``warn_days``, is not yet
-    valid, or (given ``ca``) does not chain to the CA; status 0 is a one-line OK. A file that
-    cannot be read raises CertError.
-    """
-    now = datetime.now(UTC)
-    lines = []
-    count = 0
-    for path in paths:
-        for info in certs.inspect(path, ca=ca, now=now):
-            count += 1
-            lines += [f"{path}: {info.subject}: {p}\n" for p in _problems(info, warn_days, now)]
-    if lines:
-        return 1, "".join(lines)
-    chained = f", chain to {ca} ok" if ca is not None else ""
-    return 0, (
-        f"OK: {count} certificate(s) in {len(paths)} file(s) valid for more than"
-        f" {warn_days} days{chained}\n"
-    )
+def _rules(path: Path) -> Config:
+    try:
+        return load_config(path)
+    except ConfigErrors as errors:
+        raise CertError(f"cannot read the rules: {errors}", path) from errors
 
 
 @_reports_errors
 def cmd_check(args: argparse.Namespace) -> int:
-    """``certs check``: exit 1 when a certificate needs attention (for cron and monitoring)."""
-    paths = list(args.paths)
+    """``certs check``: exit 1 when a certificate, key, CA or CRL needs attention (for cron and
+    monitoring)."""
+    if args.config is None and not args.paths:
+        raise CertError("name certificate or CRL files, or --config RULES")
+    status, text = 0, ""
+    if args.paths:
+        status, text = check_paths(args.paths, args.warn_days, args.ca, args.crl_warn_days)
     if args.config is not None:
-        try:
-            config = load_config(args.config)
-        except ConfigErrors as errors:
-            raise CertError(f"cannot read the rules: {errors}", args.config) from errors
-        paths += [path for _, path in config.certificate_files() if path not in paths]
-    if not paths:
-        raise CertError("name certificate files or --config RULES")
-    status, text = check_paths(paths, args.warn_days, args.ca)
+        survey = check_config(_rules(args.config), args.warn_days, args.crl_warn_days, args.ca)
+        if survey.problems:
+            status = 1
+            text += "".join(survey.problems) + f"checked {args.config}: {survey.summary()}\n"
+        else:
+            text += (
+                f"OK: {args.config}: {survey.summary()}; no certificate expires within"
+                f" {args.warn_days} days nor CRL within {args.crl_warn_days}, every key matches"
+                " its certificate, every chain verifies against its endpoint's CA\n"
+            )
     sys.stdout.write(text)
     return status
 
@@ -311,13 +374,43 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.set_defaults(func=cmd_revoke)
 
     p = sub.add_parser(
+        "crl", help="issue the site CA's CRL again with a new next update (run it daily)"
+    )
+    p.add_argument("--ca", type=Path, required=True, metavar="DIR", help="the init-ca directory")
+    p.add_argument(
+        "--crl", type=Path, required=True, metavar="PATH", help="CRL to renew (created if missing)"
+    )
+    p.add_argument("--days", type=int, default=30, help="validity from now (default 30)")
+    p.set_defaults(func=cmd_crl)
+
+    p = sub.add_parser(
         "install", aliases=["rotate"], help="check a new certificate and key, then swap them in"
     )
     p.add_argument("--cert", type=Path, required=True, help="new certificate (PEM)")
     p.add_argument("--key", type=Path, required=True, help="its private key (PEM)")
-    p.add_argument("--dest-cert", type=Path, required=True, help="certificate path dicomfw loads")
-    p.add_argument("--dest-key", type=Path, required=True, help="key path dicomfw loads")
-    p.add_argument("--ca", type=Path, metavar="CA_PEM", help="require a chain to this CA")
+    p.add_argument(
+        "--config",
+        type=Path,
+        metavar="RULES",
+        help="take the destination, the CA and the role from this rules file's --listener or"
+        " --upstream",
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--listener", metavar="NAME", help="install the listener's certificate")
+    target.add_argument("--upstream", metavar="NAME", help="install the upstream's client one")
+    p.add_argument("--dest-cert", type=Path, help="certificate path dicomfw loads")
+    p.add_argument("--dest-key", type=Path, help="key path dicomfw loads")
+    p.add_argument(
+        "--kind",
+        choices=("server", "client"),
+        help="with --dest-*: require a server (listener) or client (upstream) certificate",
+    )
+    p.add_argument(
+        "--ca",
+        type=Path,
+        metavar="CA_PEM",
+        help="require a chain to this CA (with --config: default the endpoint's ca)",
+    )
     p.add_argument(
         "--key-password-file",
         type=Path,
@@ -326,18 +419,41 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     p.set_defaults(func=cmd_install)
 
-    p = sub.add_parser("show", help="describe certificates for an admin")
+    p = sub.add_parser("show", help="describe certificates and CRLs for an admin")
     p.add_argument("paths", type=Path, nargs="+", metavar="PATH")
-    p.add_argument("--ca", type=Path, metavar="CA_PEM", help="also check the chain to this CA")
+    p.add_argument(
+        "--ca", type=Path, metavar="CA_PEM", help="also check the chain (a CRL's signer) to this CA"
+    )
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("check", help="exit 1 if a certificate expires soon or fails its chain")
-    p.add_argument("paths", type=Path, nargs="*", metavar="PATH")
+    p = sub.add_parser(
+        "check", help="exit 1 if a certificate, key, CA or CRL needs attention (cron, monitoring)"
+    )
+    p.add_argument("paths", type=Path, nargs="*", metavar="PATH", help="certificate or CRL files")
     p.add_argument(
-        "--config", type=Path, metavar="RULES", help="check every certificate this rules file uses"
+        "--config",
+        type=Path,
+        metavar="RULES",
+        help="check every certificate, key, CA and CRL this rules file uses, each in its role",
     )
     p.add_argument(
-        "--warn-days", type=_non_negative, default=30, metavar="N", help="window (default 30)"
+        "--warn-days",
+        type=_non_negative,
+        default=30,
+        metavar="N",
+        help="certificates that expire within N days need attention (default 30)",
     )
-    p.add_argument("--ca", type=Path, metavar="CA_PEM", help="also check the chain to this CA")
+    p.add_argument(
+        "--crl-warn-days",
+        type=_non_negative,
+        default=CRL_WARN_DAYS,
+        metavar="N",
+        help=f"CRLs whose next update is within N days need renewing (default {CRL_WARN_DAYS})",
+    )
+    p.add_argument(
+        "--ca",
+        type=Path,
+        metavar="CA_PEM",
+        help="also check chains to this CA (with --config: accepted next to each endpoint's ca)",
+    )
     p.set_defaults(func=cmd_check)

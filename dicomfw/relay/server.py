@@ -34,6 +34,7 @@ from dicomfw.core.session import (
     Event,
     PauseReading,
     ResumeReading,
+    Scan,
     Send,
     Session,
     Side,
@@ -43,11 +44,16 @@ from dicomfw.core.session import (
 )
 from dicomfw.core.stream import Buffer
 from dicomfw.logsetup import log_event
+from dicomfw.relay import clamd
 from dicomfw.relay.libssl import BufferRelease
 from dicomfw.relay.tls import (
+    RefusedCertificate,
     ResumingClientContext,
+    ServerContext,
+    accepting,
     client_context,
     presented_identity,
+    refused_certificate,
     server_context,
 )
 
@@ -76,7 +82,7 @@ class Runtime:
     """Everything one association needs, built and validated before it is swapped in."""
 
     config: Config
-    server_contexts: dict[str, ssl.SSLContext] = field(default_factory=dict)
+    server_contexts: dict[str, ServerContext] = field(default_factory=dict)
     client_contexts: dict[str, ResumingClientContext] = field(default_factory=dict)
 
 
@@ -113,7 +119,9 @@ class AssociationInfo:
     called_ae: str | None = None
     route: str | None = None
     requests: int = 0  # requests the upstream answered with a final status
+    requests_sent: int = 0  # requests passed to the upstream
     proxied_by: IPAddress | None = None  # the balancer, when ``address`` came in a PROXY header
+    upstream_failure: str | None = None  # why the upstream connection failed (upstream_cause)
 
 
 Observer = Callable[[AssociationInfo, "Event | Refused"], None]
@@ -140,12 +148,14 @@ class Refused:
     """A connection refused before any DICOM was spoken (source address, TLS handshake).
 
     ``cause`` sorts a TLS handshake failure into a small fixed set (``handshake_cause``), so
-    metrics can count by it without a label per OpenSSL message.
+    metrics can count by it without a label per OpenSSL message. ``certificate`` is the one the
+    client presented, when the handshake refused it.
     """
 
     why: str
     detail: str
     cause: str = ""
+    certificate: RefusedCertificate | None = None
 
 
 def _write_in_pieces(transport: asyncio.Transport, buffer: Buffer, size: int) -> None:
@@ -327,6 +337,19 @@ class Association(asyncio.Protocol):
             answer = await store.decide(query, self._gate)
         self._step(lambda session: session.limits_answered(answer))
 
+    async def _scan(self, command: Scan) -> None:
+        """The data set to clamd; its verdict to the session (the loader makes sure a route
+        that scans has a scanner)."""
+        scanner = self._runtime.config.scanner
+        if scanner is None:
+            result, detail = "error", "no scanner configured"
+        else:
+            result, detail = await clamd.scan(
+                scanner.address, command.data, scanner.timeout_seconds
+            )
+        side = command.side
+        self._step(lambda session: session.scan_done(side, result, detail))
+
     async def _connect(self, name: str) -> None:
         config = self._runtime.config
         upstream = config.upstream(name)
@@ -347,8 +370,11 @@ class Association(asyncio.Protocol):
                     ssl_handshake_timeout=config.limits.tls_handshake_seconds if context else None,
                 )
         except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as error:
-            detail = f"{name}: {_describe(error)}"
-            self._step(lambda session: session.upstream_failed(detail))
+            detail = f"{name}: {_describe(error)}{_presented(refused_certificate(error))}"
+            cause = upstream_cause(error)
+            self.info.upstream_failure = cause
+            why = _UPSTREAM_WHY.get(cause, "upstream_unreachable")
+            self._step(lambda session: session.upstream_failed(detail, why))
             return
         if self._session.state is State.CLOSED:
             transport.close()
@@ -470,6 +496,9 @@ class Association(asyncio.Protocol):
             elif kind is CheckLimits:
                 assert isinstance(command, CheckLimits)
                 self._spawn(self._check_limits(command.query))
+            elif kind is Scan:
+                assert isinstance(command, Scan)
+                self._spawn(self._scan(command))
             elif kind is PauseReading:
                 assert isinstance(command, PauseReading)
                 self._session_pauses.add(command.side)
@@ -567,6 +596,16 @@ def _describe(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
+def _presented(certificate: RefusedCertificate | None) -> str:
+    """What an upstream whose certificate did not verify presented, for the detail."""
+    if certificate is None:
+        return ""
+    return (
+        f" (it presented {certificate.subject}, issued by {certificate.issuer},"
+        f" serial {certificate.serial})"
+    )
+
+
 #: The start of the message asyncio's and uvloop's SSL protocols abort a handshake with when
 #: ``ssl_handshake_timeout`` passes.
 _HANDSHAKE_TIMED_OUT: Final = "SSL handshake is taking longer than"
@@ -579,6 +618,10 @@ _VERIFY_CAUSES: Final = {
     21: "unknown_ca",  # unable to verify the first certificate
     10: "certificate_expired",
     23: "certificate_revoked",
+    # The listener's CRL, not the client, is at fault: every client is refused until it is
+    # renewed (expired) or replaced (the rest).
+    12: "crl_expired",
+    **dict.fromkeys((3, 5, 8, 11, 15, 16, 33, 35, 36, 44, 54), "crl_invalid"),
 }
 #: OpenSSL reason codes of handshakes that failed before certificates were compared.
 _REASON_CAUSES: Final = {
@@ -596,9 +639,9 @@ _REASON_CAUSES: Final = {
 
 def handshake_cause(error: BaseException) -> str:
     """Why a listener's TLS handshake failed, as one of a fixed set of labels: no_certificate,
-    unknown_ca, certificate_expired, certificate_revoked, certificate_invalid, protocol_version,
-    no_shared_cipher, not_tls, peer_alert (the client refused us), timeout, connection_lost,
-    other."""
+    unknown_ca, certificate_expired, certificate_revoked, certificate_invalid, crl_expired,
+    crl_invalid, protocol_version, no_shared_cipher, not_tls, peer_alert (the client refused
+    us), timeout, connection_lost, other."""
     if isinstance(error, ssl.SSLCertVerificationError):
         return _VERIFY_CAUSES.get(error.verify_code, "certificate_invalid")
     if isinstance(error, ssl.SSLError):
@@ -611,6 +654,35 @@ def handshake_cause(error: BaseException) -> str:
         return "timeout"
     if isinstance(error, OSError):  # ConnectionResetError, EOF in the handshake, ...
         return "connection_lost"
+    return "other"
+
+
+#: The ``AssociationRejected`` why of an upstream connection failure that is not the PACS
+#: being unreachable: a certificate problem is fixed elsewhere than a PACS that is down.
+_UPSTREAM_WHY: Final = {
+    "certificate_invalid": "upstream_certificate_invalid",
+    "tls_handshake_failed": "upstream_tls_failed",
+}
+
+
+def upstream_cause(error: BaseException) -> str:
+    """Why an upstream connection failed, as one of a fixed set of labels: certificate_invalid
+    (its certificate did not verify: another CA, expired, another name), tls_handshake_failed
+    (the handshake failed otherwise: it refused our certificate, no common version),
+    refused, timeout (connect or handshake), connection_lost, unreachable (no route, no such
+    host), other."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return "certificate_invalid"
+    if isinstance(error, ssl.SSLError):
+        return "tls_handshake_failed"
+    if isinstance(error, ConnectionRefusedError):
+        return "refused"
+    if isinstance(error, TimeoutError) or _HANDSHAKE_TIMED_OUT in str(error):
+        return "timeout"
+    if isinstance(error, ConnectionError):
+        return "connection_lost"
+    if isinstance(error, OSError):
+        return "unreachable"
     return "other"
 
 
@@ -763,6 +835,8 @@ class Relay:
     ) -> None:
         loop = asyncio.get_running_loop()
         context = runtime.server_contexts.get(listener.name)
+        if context is not None:
+            accepting(connection)  # where a refused handshake sends its alert
         try:
             await loop.connect_accepted_socket(
                 lambda: _tls_reads(
@@ -775,7 +849,12 @@ class Relay:
                 else None,
             )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as error:
-            refused = Refused("tls_handshake_failed", _describe(error), handshake_cause(error))
+            refused = Refused(
+                "tls_handshake_failed",
+                _describe(error),
+                handshake_cause(error),
+                refused_certificate(error),
+            )
             self.notify(info, refused)
             connection.close()
             gate.release()

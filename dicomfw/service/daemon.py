@@ -18,6 +18,7 @@ import signal
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -27,6 +28,8 @@ from dicomfw.logsetup import log_event
 from dicomfw.observe.eventlog import log_observer
 from dicomfw.observe.observability import Observability
 from dicomfw.relay.server import Relay, Runtime, build_runtime
+from dicomfw.relay.tls import check_collector_files
+from dicomfw.relay.tlsfiles import CRL_WARN_DAYS
 from dicomfw.service.heap import HeapTrimmer, map_large_blocks
 from dicomfw.service.sdnotify import Notifier
 
@@ -36,9 +39,61 @@ log = logging.getLogger("dicomfw.daemon")
 def load_runtime(config_path: Path) -> Runtime:
     """Rules file plus all TLS material, or ConfigErrors naming each file and problem."""
     try:
-        return build_runtime(load_config(config_path))
+        config = load_config(config_path)
+        runtime = build_runtime(config)
+        if config.audit is not None and config.audit.atna is not None:
+            check_collector_files(config.audit.atna)
     except ConfigError as error:
         raise ConfigErrors([error]) from error
+    return runtime
+
+
+def served_certificates(runtime: Runtime) -> dict[str, str]:
+    """Log fields naming the certificate each TLS listener and upstream presents, as loaded:
+    ``listener.NAME.subject``, ``.sha256`` and ``.not_after`` (``upstream.NAME.…`` likewise,
+    for an upstream given a client certificate). After a rotation, ``ready`` and ``reloaded``
+    say which certificate is now served, so nobody has to guess whether the reload took it."""
+    fields: dict[str, str] = {}
+    served = [
+        *(("listener", name, context.served) for name, context in runtime.server_contexts.items()),
+        *(("upstream", name, context.served) for name, context in runtime.client_contexts.items()),
+    ]
+    for kind, name, certificate in served:
+        if certificate is not None:
+            fields[f"{kind}.{name}.subject"] = certificate.subject
+            fields[f"{kind}.{name}.sha256"] = certificate.sha256
+            fields[f"{kind}.{name}.not_after"] = f"{certificate.not_after:%Y-%m-%dT%H:%M:%SZ}"
+    return fields
+
+
+def expiring_crls(
+    runtime: Runtime, now: datetime | None = None
+) -> list[tuple[str, Path, datetime]]:
+    """(listener, CRL file, nextUpdate) of each listener whose CRL reaches its nextUpdate
+    within ``CRL_WARN_DAYS``: past it, that listener refuses every client certificate."""
+    soon = (now or datetime.now(UTC)) + timedelta(days=CRL_WARN_DAYS)
+    found = []
+    for listener in runtime.config.listeners:
+        crl = listener.tls.crl if listener.tls is not None else None
+        due = runtime.server_contexts[listener.name].crl_next_update if crl else None
+        if crl is not None and due is not None and due <= soon:
+            found.append((listener.name, crl, due))
+    return found
+
+
+def warn_expiring_crls(runtime: Runtime) -> None:
+    """At start and after each reload: a CRL due for renewal is news the log must carry."""
+    for listener, crl, due in expiring_crls(runtime):
+        log_event(
+            log,
+            logging.WARNING,
+            "crl_expires_soon",
+            listener=listener,
+            crl=str(crl),
+            next_update=f"{due:%Y-%m-%dT%H:%M:%SZ}",
+            error="renew it (dicomfw certs crl) and reload before then: past its next update"
+            " the listener refuses every client certificate",
+        )
 
 
 def _listeners_changed(old: Runtime, new: Runtime) -> list[str]:
@@ -92,7 +147,9 @@ def _reload(relay: Relay, config_path: Path) -> bool:
         config=str(config_path),
         routes=len(runtime.config.policy.routes),
         peers=len(runtime.config.policy.peers),
+        **served_certificates(runtime),
     )
+    warn_expiring_crls(runtime)
     return True
 
 
@@ -228,7 +285,9 @@ async def serve(
         "ready",
         config=str(config_path),
         listeners=",".join(f"{name}:{port}" for name, port in ports.items()),
+        **served_certificates(runtime),
     )
+    warn_expiring_crls(runtime)
     if on_ready is not None:
         on_ready(relay)
     announcer.ready(relay)

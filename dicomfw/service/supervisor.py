@@ -475,6 +475,8 @@ class Supervisor:
         if self._announced or self._stop_deadline is not None:
             return
         if len(self._workers) == self._count and all(w.ready for w in self._workers.values()):
+            from dicomfw.service.daemon import served_certificates  # see the module docstring
+
             self._announced = True
             listeners = zip(self._runtime.config.listeners, self._sockets, strict=True)
             log_event(
@@ -484,6 +486,7 @@ class Supervisor:
                 config=str(self._config_path),
                 listeners=",".join(f"{x.name}:{s.getsockname()[1]}" for x, s in listeners),
                 workers=self._count,
+                **served_certificates(self._runtime),
             )
             self._notifier.ready(self._describe("serving"))
             if self._server is not None:
