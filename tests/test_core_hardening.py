@@ -12,6 +12,7 @@ from ipaddress import ip_address
 
 import pytest
 
+from dicomfw.core import acse
 from dicomfw.core.ratelimit import Gate, Limiter, LimitRules, RateLimits
 from dicomfw.core.session import (
     MAX_QUEUED_REPLY_BYTES,
@@ -28,16 +29,22 @@ from dicomfw.core.session import (
     State,
     Wakeup,
 )
+from dicomfw.errors import RemoteProtocolError
 from tests.corehelpers import (
+    VERIFICATION,
     Clock,
+    application_context_item,
     associate_ac,
     associate_rq,
     c_echo_rq,
     c_find_rq,
     c_find_rsp,
     command_pdv,
+    context_rq_item,
     data_pdv,
     p_data,
+    raw_associate_rq,
+    user_information_item,
 )
 from tests.test_core_dimse import _command, _element
 from tests.test_core_session import (
@@ -306,3 +313,27 @@ def test_finding_7_past_max_refusals_the_requester_is_cut_off() -> None:
     assert sent(commands, REQUESTER) == ABORT_PLAIN
     assert sent(commands, UPSTREAM) == ABORT_PLAIN
     assert session.receive(REQUESTER, refused_unknown(102)) == []
+
+
+# ---- finding A of the project's own fuzzing: an AE title the encoder cannot write back -----------
+
+#: An A-ASSOCIATE-RQ whose called AE field is b"P\xe9CS" (found by the fuzz target acse_rq).
+NON_ASCII_CALLED_AE = raw_associate_rq(
+    [
+        application_context_item(),
+        context_rq_item(1, VERIFICATION, ["1.2.840.10008.1.2"]),
+        user_information_item(),
+    ],
+    called=b"P\xe9CS",
+)
+
+
+def test_finding_a_an_ae_title_with_a_byte_over_0x7e_is_a_protocol_error() -> None:
+    """PS3.5 Table 6.2-1 allows only the default character repertoire in an AE title; the
+    codec read such bytes as Latin-1 and could not write the request back (UnicodeEncodeError)."""
+    with pytest.raises(RemoteProtocolError, match="non-ASCII") as raised:
+        acse.decode_rq(NON_ASCII_CALLED_AE)
+    assert raised.value.abort_reason == 6
+    session = Session(POLICY, "modalities", ip_address("10.1.2.3"), None, CAP)
+    end = ended(session.receive(REQUESTER, NON_ASCII_CALLED_AE))
+    assert end.why == "requester_protocol_error"

@@ -261,15 +261,28 @@ def test_consecutive_data_pdus_leave_as_one_zero_copy_buffer() -> None:
     assert bytes(out[0]) == data
 
 
-def test_command_then_data_pdus_in_one_feed_leave_as_slices_of_the_input() -> None:
+def test_command_then_data_pdus_in_one_feed_leave_as_one_slice_of_the_input() -> None:
     stream = new_stream()
     data = p_data(command_pdv(STORE, STORE_1)) + b"".join(
         p_data(data_pdv(STORE, b"x" * 100, last=i == 3)) for i in range(4)
     )
     out = stream.feed(data)
     assert joined(out) == data
-    assert len(out) == 2
+    assert len(out) == 1  # one write for the relay
     assert all(isinstance(b, memoryview) and b.obj is data for b in out)
+
+
+def test_an_inspected_data_set_in_one_feed_leaves_as_one_slice_of_the_input() -> None:
+    inspector = Inspector(frozenset({1}), FORWARD, at=1)
+    data = p_data(command_pdv(STORE, STORE_1)) + b"".join(
+        p_data(data_pdv(STORE, b"x" * 100, last=i == 3)) for i in range(4)
+    )
+    out = inspector.stream().feed(data)
+    assert joined(out) == data
+    # the held command, the PDU whose fragment released it, then the rest in one slice
+    assert len(out) == 3
+    assert out[2].obj is data  # type: ignore[union-attr]
+    assert len(inspector.seen) == 4
 
 
 def test_data_pdu_split_inside_its_headers_still_passes_without_reassembly() -> None:

@@ -37,7 +37,9 @@ PC_NO_REASON: Final = 2  # presentation context result "no-reason (provider reje
 _ITEM_HEADER: Final = struct.Struct(">BxH")
 _FIXED: Final = struct.Struct(">HH16s16s32s")  # version, reserved, called, calling, reserved
 _FIXED_SIZE: Final = _FIXED.size  # 68
-_AE_BAD_CHARS: Final = frozenset(b"\\") | frozenset(range(0, 0x20)) | frozenset((0x7F,))
+#: Bytes an AE title may not hold: control characters, backslash, and anything outside the
+#: default character repertoire (PS3.5 Table 6.2-1), which the encoder could not write back.
+_AE_BAD_CHARS: Final = frozenset(b"\\") | frozenset(range(0, 0x20)) | frozenset(range(0x7F, 0x100))
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +112,10 @@ def _uid(data: bytes, start: int, end: int) -> str:
 def ae_title(field: bytes) -> str:
     """Decode a 16-byte AE title field: spaces are padding and not significant (PS3.5 §6.2)."""
     if any(c in _AE_BAD_CHARS for c in field.rstrip(b"\x00")):
-        raise RemoteProtocolError("AE title contains control characters or a backslash", 6)
-    text = field.rstrip(b"\x00").decode("latin-1").strip(" ")
+        raise RemoteProtocolError(
+            "AE title contains control characters, a backslash or a non-ASCII byte", 6
+        )
+    text = field.rstrip(b"\x00").decode("ascii").strip(" ")
     if not text:
         raise RemoteProtocolError("empty AE title", ABORT_INVALID_PARAMETER)
     return text

@@ -16,7 +16,8 @@ The contract, which the property tests check on arbitrary input:
   A-ABORT of both sides with ``AssociationEnded(why="<side>_protocol_error")`` naming the side
   whose bytes broke the protocol. No other exception leaves the session.
 * Nothing follows the end: after ``AssociationEnded`` or ``AssociationRejected`` every input
-  answers with no command at all.
+  answers with no command at all, but for ``upstream_connected``: an upstream connection that
+  comes too late is answered ``Close(UPSTREAM)``.
 * What a session holds is bounded by its configuration, not by what peers send: the PDU cap
   (one PDU in reassembly per direction), ``MAX_COMMAND_BYTES`` for a command in reassembly,
   ``_MAX_EARLY_BYTES`` before the association is up, ``_MAX_DEFERRED_BYTES`` while a side is not

@@ -250,14 +250,22 @@ class DataStream:
                 continue
             check_header(fields[0], fields[1], self._max_length)
             # Slow path: the PDU must be complete before anything of it leaves.
-            if run >= 0:
-                out.append(view[run:pos])
-                run = -1
             total = HEADER_SIZE + fields[1]
             if end - pos >= total:
-                self._whole_pdu(view[pos : pos + total], out)
+                extra: list[Buffer] = []
+                if self._whole_pdu(view[pos : pos + total], extra, joinable=True):
+                    if run < 0:  # it passes as received: one slice with its neighbours
+                        run = pos
+                else:
+                    if run >= 0:
+                        out.append(view[run:pos])
+                        run = -1
+                    out += extra
                 pos += total
             else:
+                if run >= 0:
+                    out.append(view[run:pos])
+                    run = -1
                 self._partial = bytearray(view[pos:end])
                 self._need = total
                 pos = end
@@ -302,7 +310,7 @@ class DataStream:
             self._inject.clear()
             self._injected = 0
 
-    def _whole_pdu(self, pdu: memoryview, out: list[Buffer]) -> None:
+    def _whole_pdu(self, pdu: memoryview, out: list[Buffer], joinable: bool = False) -> bool:
         """Slow path: a complete PDU that is not a lone data-set PDV of a known message.
 
         The PDU leaves as received once the fate of all its PDVs is known, and is re-framed only
@@ -315,7 +323,13 @@ class DataStream:
         Which PDVs pass is kept as ranges of offsets, adjacent PDVs merged into one range: a PDU
         of thousands of tiny PDVs costs a few integers, not an object per PDV (a 60 KB PDU of
         10,000 empty command fragments once held ~1.9 MB of memoryviews).
+
+        ``joinable``: the caller would rather forward the PDU itself, as part of a slice of the
+        read (an inspected data set's PDUs then leave as one buffer, not one each): True is
+        returned, and nothing appended, when the PDU passes as received and nothing else is
+        to go out with it.
         """
+        appended = len(out)
         pdu_type = pdu[0]
         if pdu_type != P_DATA_TF:
             # Release and abort pass in order; the session acts on them after forwarding.
@@ -328,7 +342,7 @@ class DataStream:
             out.append(pdu)
             self.control_pdus.append(pdu_type)
             self._halted = pdu_type == A_ABORT
-            return
+            return False
         kept: list[int] = []  # ranges of the PDVs of this PDU that pass
         pending: list[int] = []  # ranges of this PDU's PDVs of the message whose fate is pending
         pos = HEADER_SIZE
@@ -395,10 +409,20 @@ class DataStream:
         if self._pending:
             # Copied: a view would keep the whole read it came in alive while the message waits.
             self._held.append((bytes(pdu), kept, pending))
-            return
+            return False
+        if (
+            joinable
+            and len(out) == appended
+            and len(kept) == 2
+            and kept[0] == HEADER_SIZE
+            and kept[1] == end
+            and not (self._inject and self.at_message_boundary)
+        ):
+            return True
         if kept:
             out.append(_framed(pdu, kept))
         self._flush_injected(out)
+        return False
 
     def _stop_after(self, pdu: memoryview, pdv_end: int) -> None:
         """A held message has ended: read nothing more until ``settle``. The PDVs after it in
