@@ -9,11 +9,13 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
 
+from dicomfw.pki.certs import CertPaths
 from tests.harness import WAIT, free_port
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -22,22 +24,39 @@ needs_redis = pytest.mark.skipif(
 )
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """TLS only, with client certificates from ``ca`` required (``--tls-auth-clients yes``);
+    ``client`` is the certificate the test's own client presents."""
+
+    cert: CertPaths
+    ca: Path
+    client: CertPaths
+
+
 class RedisServer:
     """One redis-server process; ``stop`` and ``start`` keep its port."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, tls: ServerTls | None = None) -> None:
         self.directory = directory
         self.port = free_port()
+        self.tls = tls
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
+        port = ["--port", str(self.port)]
+        if self.tls is not None:
+            tls = self.tls
+            port = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "yes",
+                    "--tls-cert-file", str(tls.cert.cert), "--tls-key-file", str(tls.cert.key),
+                    "--tls-ca-cert-file", str(tls.ca)]  # fmt: skip
         self.process = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.directory)],
+            [REDIS_SERVER, *port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.directory)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -56,7 +75,15 @@ class RedisServer:
 
     def client(self) -> redis.Redis:
         """A client of its own, for a test to look inside, flush, or wait for."""
-        return redis.Redis.from_url(self.url, socket_timeout=WAIT)
+        if self.tls is None:
+            return redis.Redis.from_url(self.url, socket_timeout=WAIT)
+        return redis.Redis.from_url(
+            self.url,
+            socket_timeout=WAIT,
+            ssl_ca_certs=str(self.tls.ca),
+            ssl_certfile=str(self.tls.client.cert),
+            ssl_keyfile=str(self.tls.client.key),
+        )
 
     def _answers(self) -> bool:
         try:
@@ -67,8 +94,8 @@ class RedisServer:
 
 
 @contextlib.contextmanager
-def running_redis(directory: Path) -> Iterator[RedisServer]:
-    server = RedisServer(directory)
+def running_redis(directory: Path, tls: ServerTls | None = None) -> Iterator[RedisServer]:
+    server = RedisServer(directory, tls)
     server.start()
     try:
         yield server

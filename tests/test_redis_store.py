@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from dicomfw.config.model import RedisStore
+from dicomfw.config.model import ClientTLS, RedisStore
 from dicomfw.core.policy import Reject
 from dicomfw.core.ratelimit import (
     AssociationQuery,
@@ -36,7 +36,8 @@ from dicomfw.core.ratelimit import (
     source_key,
 )
 from dicomfw.relay.redis_store import RELEASE_BATCH_SECONDS, RedisLimitStore
-from tests.redishelpers import RedisServer, needs_redis, running_redis
+from tests.harness import Pki
+from tests.redishelpers import RedisServer, ServerTls, needs_redis, running_redis
 
 pytestmark = needs_redis
 ADDRESS = ipaddress.ip_address("10.1.2.3")
@@ -305,6 +306,23 @@ def test_a_connection_that_ends_while_its_decision_is_under_way_leaves_no_slot(
 
     with running_redis(tmp_path) as server:
         run(server, RateLimits(max_concurrent_per_peer=5), test)
+
+
+def test_over_tls_the_store_verifies_redis_and_presents_its_certificate(
+    tmp_path: Path, pki: Pki
+) -> None:
+    """rediss:// with limits.redis.tls: Redis's certificate is verified against the CA and
+    the URL's host (127.0.0.1, in its SAN), and Redis requires dicomfw's client certificate."""
+    tls = ServerTls(pki.pacs, pki.ca, pki.fw_client)
+
+    async def test(one: Instance) -> None:
+        assert one.store.up
+        assert (await one.associate())[0] is None
+        assert isinstance((await one.associate())[0], Reject)  # the cap of 1, kept over TLS
+
+    client = ClientTLS(pki.ca, pki.fw_client.cert, pki.fw_client.key)
+    with running_redis(tmp_path, tls) as server:
+        run(server, RateLimits(max_concurrent_per_peer=1), test, tls=client)
 
 
 async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
