@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from procs import DCMTK_ENV, Service, free_port, live_threads_cpu_seconds
+from procs import Service, free_port, live_threads_cpu_seconds, service_starter
 
 from dicomfw.core.ratelimit import Limiter, LimitRules, RateLimits
 
@@ -135,10 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-limits-")))
 
-        def service(name: str, argv: list[str], port: int) -> Service:
-            svc = Service(name, argv, port, work / f"{name}.log", dict(DCMTK_ENV))
-            stack.callback(svc.stop)
-            return svc.start()
+        service = service_starter(stack, work)
 
         scp_port = free_port()
         service("storescp", [STORESCP, "--ignore", "-ta", "30", str(scp_port)], scp_port)

@@ -42,6 +42,7 @@ from procs import (
     free_port,
     live_threads_cpu_seconds,
     run_timed,
+    service_starter,
     thread_cpu_seconds,
 )
 
@@ -227,10 +228,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         collector.bind((LOCALHOST, 0))  # never reads: the kernel drops what does not fit
         stack.callback(collector.close)
 
-        def service(name: str, command: list[str], port: int) -> Service:
-            svc = Service(name, command, port, work / f"{name}.log", dict(DCMTK_ENV))
-            stack.callback(svc.stop)
-            return svc.start()
+        service = service_starter(stack, work)
 
         scp_port = free_port()
         (work / "out").mkdir()

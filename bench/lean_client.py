@@ -3,7 +3,8 @@
 The client's own cost must not hide the firewall's, so every PDU is encoded once up front and
 the loops only ``sendall`` and read PDU headers. Modes (each prints one JSON line on stdout):
 
-  assoc  COUNT sequential associations, each: A-ASSOCIATE, one C-ECHO or one C-STORE, release
+  assoc  COUNT sequential associations, each: A-ASSOCIATE, one C-ECHO or one C-STORE, release;
+         the time per association (p50/p99) too
   echo   one association, COUNT C-ECHOs back to back; per-request round trip p50/p99
   hold   COUNT associations opened and held; prints {"held": ...}, waits for a line on stdin
          (or --hold-seconds), then releases them all and prints {"released": ...}
@@ -124,14 +125,17 @@ def finish(target: Target, association: Association) -> None:
 
 
 def run_assoc(target: Target, pdus: ClientPdus, count: int, op: str) -> dict[str, Any]:
+    durations: list[float] = []
     start = time.perf_counter()
     for _ in range(count):
+        begin = time.perf_counter()
         association = associate(target, pdus)
         if op == "echo":
             association.echo()
         elif op == "store":
             association.store()
         finish(target, association)
+        durations.append(time.perf_counter() - begin)
     seconds = time.perf_counter() - start
     return {
         "mode": "assoc",
@@ -139,6 +143,8 @@ def run_assoc(target: Target, pdus: ClientPdus, count: int, op: str) -> dict[str
         "count": count,
         "seconds": seconds,
         "per_second": count / seconds,
+        "p50_ms": percentile(durations, 0.50) * 1000,
+        "p99_ms": percentile(durations, 0.99) * 1000,
         "tls_handshakes": target.handshakes,
         "tls_resumed": target.resumed,
     }
@@ -216,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--file", type=Path, help="CT file to C-STORE (--op store)")
     parser.add_argument("--warmup", type=int, default=100, help="echo mode: untimed echoes")
     parser.add_argument("--hold-seconds", type=float, default=60.0)
+    parser.add_argument(
+        "--start-at", type=float, help="begin at this time.time() (several clients at once)"
+    )
     parser.add_argument("--calling-ae", default="CT01")
     parser.add_argument("--called-ae", default="PACS")
     parser.add_argument("--timeout", type=float, default=30.0, help="per socket operation")
@@ -233,6 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     target = Target(args.host, args.port, args.timeout, tls_context(args), args.server_name)
     pdus = client_pdus(args.calling_ae, args.called_ae, args.file)
+    if args.start_at is not None:  # start-up (imports, encoding) is over: wait for the others
+        time.sleep(max(0.0, args.start_at - time.time()))
     try:
         if args.mode == "assoc":
             result = run_assoc(target, pdus, args.count, args.op)

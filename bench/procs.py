@@ -18,6 +18,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -166,6 +167,20 @@ class Service:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+def service_starter(
+    stack: contextlib.ExitStack, workdir: Path
+) -> Callable[[str, list[str], int], Service]:
+    """``start(name, argv, port)``: a started Service with DCMTK's environment and its log in
+    ``workdir``, stopped when ``stack`` closes."""
+
+    def start(name: str, argv: list[str], port: int) -> Service:
+        service = Service(name, argv, port, workdir / f"{name}.log", dict(DCMTK_ENV))
+        stack.callback(service.stop)
+        return service.start()
+
+    return start
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

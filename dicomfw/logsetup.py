@@ -70,8 +70,9 @@ def setup(level: str = "info", with_time: bool = True) -> None:
 
 
 def tag_process(**fields: Any) -> None:
-    """Put ``fields`` (e.g. ``worker=2, pid=1234``) on every line this process logs from now."""
-    _Formatter.process = "".join(f" {key}={_value(value)}" for key, value in fields.items())
+    """Put ``fields`` (e.g. ``instance=fw1``, then in a worker ``worker=2, pid=1234``) on every
+    line this process logs from now, after those given before."""
+    _Formatter.process += "".join(f" {key}={_value(value)}" for key, value in fields.items())
 
 
 class _TimedFormatter(_Formatter):

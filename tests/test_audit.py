@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import socket
 import ssl
 import time
 from datetime import datetime
@@ -17,7 +18,7 @@ from dicomfw.core.session import AssociationEnded
 from tests.harness import CT, VERIFICATION, Pki, ct_image, running_scp, scu
 from tests.obs_harness import drive_mix, mixed_rules, observed_firewall, scrape, value
 
-VOLATILE = ("time", "pid", "start", "end", "duration_seconds")
+VOLATILE = ("time", "pid", "instance", "start", "end", "duration_seconds")
 
 
 def _fingerprint(pem: Path) -> str:
@@ -30,6 +31,7 @@ def _stable(record: dict[str, Any]) -> dict[str, Any]:
         datetime.fromisoformat(record[key]) for key in ("time", "start", "end") if key in record
     ]
     assert record["pid"] == os.getpid()  # the firewall runs in the test process
+    assert record["instance"] == socket.gethostname()  # the default instance name
     assert all(m.utcoffset() is not None and m.utcoffset().total_seconds() == 0 for m in moments)  # type: ignore[union-attr]
     if "start" in record:
         assert record["start"] <= record["end"] == record["time"]

@@ -390,7 +390,8 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             "modus: enforce\nroutes:",
             [
                 "rules.yaml:9: modus: unknown key 'modus' (allowed: mode, validation, listeners, "
-                "upstreams, peers, routes, limits, metrics, audit, workers); did you mean 'mode'?",
+                "upstreams, peers, routes, limits, metrics, audit, workers, instance); "
+                "did you mean 'mode'?",
             ],
             id="unknown top-level key",
         ),
@@ -633,7 +634,7 @@ def test_the_example_rules_file_loads(tmp_path: Path) -> None:
             [
                 "rules.yaml:1: missing required key 'routes'",
                 "rules.yaml:9: unused: unknown key 'unused' (allowed: mode, validation, "
-                "listeners, upstreams, peers, routes, limits, metrics, audit, workers)",
+                "listeners, upstreams, peers, routes, limits, metrics, audit, workers, instance)",
             ],
             id="missing section",
         ),

@@ -287,7 +287,8 @@ def test_only_the_supervisor_notifies_reload_reaches_every_worker_and_sigterm_dr
     assert reloaded == set(workers)  # each worker reloaded once; the broken file reached none
     assert log.count("event=reload_failed") == 1 and "worker=" not in _line(log, "reload_failed")
     worker_ready = [m.end() for m in re.finditer(r"worker=\d pid=\d+ event=ready", log)]
-    assert len(worker_ready) == 2 and max(worker_ready) < log.index("level=info event=ready")
+    supervisor_ready = log.index(f"level=info instance={socket.gethostname()} event=ready")
+    assert len(worker_ready) == 2 and max(worker_ready) < supervisor_ready
     assert sorted(map(int, re.findall(r"pid=(\d+) event=stopped", log))) == sorted(workers)
     assert _audit_pids(daemon.audit, "association") == set(workers)
 

@@ -76,6 +76,8 @@ class _Section:
 def _sections() -> dict[Check, _Section]:
     both = {"cert": ["key"], "key": ["cert"]}
     proxied = {"properties": {"proxy_protocol": {"const": True}}, "required": ["proxy_protocol"]}
+    shared = {"properties": {"store": {"const": "redis"}}, "required": ["store"]}
+    rediss = {"properties": {"url": {"pattern": "^rediss://"}}, "required": ["url"]}
     return {
         load._listener: _Section(
             load._LISTENER,
@@ -105,7 +107,18 @@ def _sections() -> dict[Check, _Section]:
         ),
         load._rewrite: _Section(load._REWRITE, {"minProperties": 1}),
         load._route: _Section(load._ROUTE),
-        load._limits: _Section(load._LIMITS),
+        load._limits: _Section(
+            load._LIMITS,
+            {"dependentSchemas": {"redis": shared}, "if": shared, "then": {"required": ["redis"]}},
+        ),
+        load._redis: _Section(
+            load._REDIS,
+            {
+                "if": rediss,
+                "then": {"required": ["tls"], "properties": {"tls": {"not": {"const": False}}}},
+                "else": {"properties": {"tls": {"const": False}}},
+            },
+        ),
         load._metrics: _Section(load._METRICS),
         load._atna: _Section(
             load._ATNA,
@@ -194,6 +207,15 @@ class _Generator:
                 pattern=r"^(?:unix:.+|.+:[0-9]{1,5})$",
             ),
             load._site_mode: lambda: self.value(load._MODE),
+            load._redis_url: lambda: _text(
+                "redis://[user:password@]host[:port][/db], rediss://... (TLS) or unix:///path",
+                pattern=r"^(?:rediss?://[^/]+|unix:///?.+)",
+            ),
+            load._key_prefix: lambda: _text(
+                "what every key of the shared limits starts with: up to 64 printable ASCII "
+                "characters without spaces",
+                pattern=r"^[!-~]{1,64}$",
+            ),
             load._workers: lambda: {
                 "anyOf": [
                     {"type": "integer", "minimum": 1, "maximum": load._MAX_WORKERS},

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from pydicom import datadict
 
-from dicomfw.config.model import ClientTLS, Config, Listener, ServerTLS, Upstream
+from dicomfw.config.model import ClientTLS, Config, Listener, RedisStore, ServerTLS, Upstream
 from dicomfw.core import uids
 from dicomfw.core.policy import AllowRule, CertificateIdentity, ContentPolicy, Peer, Route
 from dicomfw.core.ratelimit import RateLimits
@@ -26,7 +26,11 @@ _DETAIL = "      "
 def describe(config: Config) -> str:
     """Summarise the configuration in aligned plain text, one section per rules-file section."""
     sections = [
-        [f"Rules file: {config.source}", f"Worker processes: {config.workers}"],
+        [
+            f"Rules file: {config.source}",
+            f"Instance: {config.instance}",
+            f"Worker processes: {config.workers}",
+        ],
         _section("Listeners", _listeners(config.listeners)),
         _section("Upstreams", _upstreams(config.upstreams)),
         _section("Peers (who may connect)", _peers(config.policy.peers)),
@@ -233,6 +237,8 @@ def _limits(config: Config) -> list[str]:
             ("upstream connect timeout", f"{limits.connect_timeout_seconds:g} s"),
             ("TLS handshake timeout", f"{limits.tls_handshake_seconds:g} s"),
             ("drain on SIGTERM", f"{limits.drain_seconds:g} s"),
+            ("notice before the drain", f"{limits.drain_notice_seconds:g} s"),
+            ("limits counted", _store(limits.store)),
             (
                 "refusals before cut-off",
                 str(limits.max_refusals_per_association or "no limit"),
@@ -246,6 +252,15 @@ def _limits(config: Config) -> list[str]:
         for name, override in by_name.items():
             lines += [f"{_INDENT}{scope} {name}:", *_aligned(_rate_rows(override), _DETAIL)]
     return lines
+
+
+def _store(store: RedisStore | None) -> str:
+    if store is None:
+        return "in each process"
+    return (
+        f"for all instances in Redis at {store.url} (fail {store.fail}, "
+        f"timeout {store.timeout_ms} ms, leases {store.lease_seconds} s)"
+    )
 
 
 def _rate_rows(limits: RateLimits) -> list[tuple[str, str]]:

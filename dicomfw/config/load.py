@@ -17,6 +17,7 @@ model value or raises ``_Invalid`` and the table walker records it and carries o
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import ipaddress
 import os
 import re
@@ -24,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
+from urllib.parse import urlsplit
 
 import yaml
 from pydicom import datadict
@@ -38,6 +40,7 @@ from dicomfw.config.model import (
     Limits,
     Listener,
     MetricsEndpoint,
+    RedisStore,
     Scanner,
     ServerTLS,
     Upstream,
@@ -257,6 +260,7 @@ class _Loader:
             audit=values.get("audit"),
             scanner=values.get("validation", {}).get("scanner"),
             workers=values.get("workers", 1),
+            **{key: values[key] for key in ("instance",) if key in values},
         )
 
     def with_overrides(self, limits: Limits) -> Limits:
@@ -925,10 +929,78 @@ def _check_overlap(ld: _Loader, new: _RouteKey) -> bool:
 
 def _limits(ld: _Loader, at: _At) -> Limits:
     found = ld.fields(at, _LIMITS)
+    values, given = found.values, found.given
+    if "store" in values or "store" not in given:  # else already reported
+        found.ok = _check_store(ld, given, values.get("store", "local")) and found.ok
     found.require_ok()
-    values = dict(found.values)
+    values = dict(values)
+    store = values.pop("redis", None) if values.pop("store", "local") == "redis" else None
     rates = {key: values.pop(key) for key in _RATE_LIMITS if key in values}
-    return Limits(**values, rates=LimitRules(RateLimits(**rates)))
+    return Limits(**values, rates=LimitRules(RateLimits(**rates)), store=store)
+
+
+def _check_store(ld: _Loader, given: dict[str, _At], store: str) -> bool:
+    """``store: redis`` goes with a ``redis`` section, and needs the redis client installed
+    (an optional extra: a firewall that counts its limits alone does without it)."""
+    if store == "redis" and "redis" not in given:
+        ld.error(given["store"], "store: redis needs a redis section with at least url")
+    elif store != "redis" and "redis" in given:
+        ld.error(given["redis"], "the redis settings apply only with store: redis")
+    elif store == "redis" and not _installed("redis"):
+        ld.error(
+            given["store"],
+            "store: redis needs the Python package redis: pip install 'dicomfw[redis]'",
+        )
+    else:
+        return True
+    return False
+
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except ValueError:  # a module in sys.modules without a spec
+        return False
+
+
+def _redis(ld: _Loader, at: _At) -> RedisStore:
+    found = ld.fields(at, _REDIS)
+    values, given = found.values, found.given
+    tls = values.get("tls")
+    if tls is not None and tls.server_name is not None:
+        ld.error(given["tls"], "server_name does not apply: the url's host name is verified")
+        found.ok = False
+    if "url" in values and (tls is not None) != values["url"].startswith("rediss://"):
+        ld.error(given["url"], "a rediss:// url and tls settings go together")
+        found.ok = False
+    found.require_ok()
+    return RedisStore(**values)
+
+
+def _redis_url(ld: _Loader, at: _At) -> str:
+    """``redis://[user:password@]host[:port][/db]``, ``rediss://`` (TLS) or ``unix:///path``."""
+    text = _string(ld, at)
+    try:
+        parts = urlsplit(text)
+        valid = (parts.port is None or parts.port > 0) and (
+            (parts.scheme == "unix" and bool(parts.path))
+            or (parts.scheme in ("redis", "rediss") and bool(parts.hostname))
+        )
+    except ValueError:  # e.g. a port that is no number
+        valid = False
+    if valid:
+        return text
+    raise _Invalid(
+        f"expected redis://host:port, rediss://host:port (TLS) or unix:///path, got {text!r}"
+    )
+
+
+def _key_prefix(ld: _Loader, at: _At) -> str:
+    """What every key of the shared limits starts with: several sites can share one Redis."""
+    text = _string(ld, at)
+    if len(text) > 64 or not all("!" <= char <= "~" for char in text):
+        raise _Invalid("expected at most 64 printable ASCII characters without spaces")
+    return text
 
 
 def _rate_limits(schema: Schema) -> Check[RateLimits]:
@@ -1171,8 +1243,20 @@ _LIMITS: Final[Schema] = {
     "connect_timeout_seconds": (OPTIONAL, _seconds(600)),
     "tls_handshake_seconds": (OPTIONAL, _seconds(600)),
     "drain_seconds": (OPTIONAL, _seconds(3600)),
+    "drain_notice_seconds": (OPTIONAL, _seconds(600)),
     "max_refusals_per_association": (OPTIONAL, _int_in(0, 1_000_000)),
     **_RATE_LIMITS,
+    "store": (OPTIONAL, _choice("local", "redis")),
+    "redis": (OPTIONAL, _redis),
+}
+_REDIS: Final[Schema] = {
+    "url": (REQUIRED, _redis_url),
+    "tls": (OPTIONAL, _client_tls),
+    "password_file": (OPTIONAL, _file),
+    "timeout_ms": (OPTIONAL, _int_in(1, 10_000)),
+    "fail": (OPTIONAL, _choice("open", "closed")),
+    "lease_seconds": (OPTIONAL, _int_in(3, 3600)),
+    "key_prefix": (OPTIONAL, _key_prefix),
 }
 _METRICS: Final[Schema] = {"bind": (REQUIRED, _bind)}
 _ATNA: Final[Schema] = {
@@ -1200,4 +1284,5 @@ _TOP: Final[Schema] = {
     "metrics": (OPTIONAL, _metrics),
     "audit": (OPTIONAL, _audit),
     "workers": (OPTIONAL, _workers),
+    "instance": (OPTIONAL, _name),
 }

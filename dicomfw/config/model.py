@@ -8,6 +8,7 @@ the same files.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,14 +63,36 @@ class Upstream:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisStore:
+    """``limits: {store: redis, redis: {...}}``: the association limits and per-peer request
+    rates of every instance and worker are kept in one Redis (``relay/redis_store.py``).
+
+    ``fail``: what new associations get while Redis does not answer within ``timeout_ms``:
+    ``open`` (this process's own limits, as without a store) or ``closed`` (the transient
+    local-limit rejection). ``lease_seconds``: how long a concurrency slot outlives the last
+    renewal of its holder, i.e. how soon the slots of a crashed instance are free again.
+    """
+
+    url: str  # redis://host:port/db, rediss://... (TLS) or unix:///path
+    tls: ClientTLS | None = None
+    password_file: Path | None = None
+    timeout_ms: int = 100
+    fail: str = "open"
+    lease_seconds: int = 15
+    key_prefix: str = "dicomfw:"
+
+
+@dataclass(frozen=True, slots=True)
 class Limits:
     """Resource bounds. Times in seconds, sizes in bytes.
 
     ``rates`` are the association/request rates and concurrency caps, with the per-listener
     and per-peer overrides (``listeners[].limits``, ``peers[].limits``) folded in; all off unless
-    configured. ``drain_seconds``: on SIGTERM, how long open associations may finish.
-    ``max_refusals_per_association``: refused requests after which the requester is cut off
-    with A-ABORT (0: never).
+    configured. ``store``: where those limits are counted (None: in each process).
+    ``drain_seconds``: on SIGTERM, how long open associations may finish;
+    ``drain_notice_seconds``: before that, how long ``/ready`` says 503 while the listeners still
+    accept, so a load balancer stops sending first. ``max_refusals_per_association``: refused
+    requests after which the requester is cut off with A-ABORT (0: never).
     """
 
     max_pdu_bytes: int = 1_048_576
@@ -78,8 +101,10 @@ class Limits:
     connect_timeout_seconds: float = 10.0
     tls_handshake_seconds: float = 15.0
     drain_seconds: float = 30.0
+    drain_notice_seconds: float = 0.0
     max_refusals_per_association: int = 100
     rates: LimitRules = field(default_factory=LimitRules)
+    store: RedisStore | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +206,9 @@ class Config:
     audit: Audit | None = None
     scanner: Scanner | None = None
     workers: int = 1  # processes sharing the listeners (``workers: auto`` = the CPU count)
+    # Names this instance in logs, audit records and ``dicomfw_instance_info``; several
+    # instances behind a balancer share one rules file, so the default is the host name.
+    instance: str = field(default_factory=socket.gethostname)
 
     def tls_endpoints(self) -> tuple[TlsEndpoint, ...]:
         """Every endpoint with TLS files, in rules-file order: listeners, upstreams, ATNA."""

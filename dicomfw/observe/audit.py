@@ -214,9 +214,11 @@ class AuditTrail:
         self._facts: dict[int, _Facts] = {}  # id(AssociationInfo) -> facts, until its end
         self._upstream_of_route: dict[str, Record] = {}
         self._pid = os.getpid()  # several workers may write to one file: which one was it
+        self._instance = ""  # and several instances to one collector
 
     def configure(self, config: Config) -> None:
         """Learn where each route goes (for the records of associations that start from now)."""
+        self._instance = self._instance or config.instance  # start-only, like the metrics'
         upstreams = {u.name: u for u in config.upstreams}
         self._upstream_of_route = {
             route.name: {
@@ -243,6 +245,7 @@ class AuditTrail:
             sink.close(timeout)
 
     def _submit(self, record: Record) -> None:
+        record["instance"] = self._instance
         for sink in self.sinks:
             sink.submit(record)
 

@@ -37,6 +37,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     disable_created_metrics,
+    make_wsgi_app,
     start_http_server,
 )
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
@@ -57,6 +58,7 @@ from dicomfw.core.session import (
 )
 from dicomfw.core.uids import name_of
 from dicomfw.logsetup import log_event
+from dicomfw.observe.health import Health, with_health
 from dicomfw.relay.server import AssociationInfo, Refused
 from dicomfw.relay.tlsfiles import TlsFileError, next_update, read_crls
 
@@ -244,6 +246,29 @@ class Metrics:
             "Worker processes the supervisor started again after one died unexpectedly.",
             registry=r,
         )
+        self.instance_info = Gauge(
+            "dicomfw_instance_info",
+            "This instance: value 1 on the series whose name label is its instance name, as its "
+            "log lines and audit records give it (Prometheus' own instance label is the target).",
+            ["name"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.limit_store_up = Gauge(
+            "dicomfw_limit_store_up",
+            "1 while the shared limit store answers, 0 while its fallback (fail: open or closed) "
+            "decides; with workers, 0 if any worker cannot reach it.",
+            ["store"],
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.limit_store_fallbacks = Counter(
+            "dicomfw_limit_store_fallbacks_total",
+            "Limit decisions made without the shared store, by its fail setting: open (this "
+            "process's own limits) or closed (new associations rejected).",
+            ["store", "fail"],
+            registry=r,
+        )
         for result in ("success", "failure"):  # exported from the start, so increase() works
             self.reloads.labels(result)
         self.reload_ok.set(1)
@@ -254,6 +279,7 @@ class Metrics:
         self._rules_hash = ""
         self._file_series: dict[Gauge, set[tuple[str, str]]] = {}  # see ``_set_moments``
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see ``_child``
+        self._instance = ""
 
     # ---- configuration ------------------------------------------------------------------------
 
@@ -262,6 +288,9 @@ class Metrics:
 
         Called at start and after each successful reload (it reads the certificate files, like
         the reload itself, never per association)."""
+        if not self._instance:  # a start-only setting: a reload does not rename the instance
+            self._instance = config.instance
+            self.instance_info.labels(config.instance).set(1)
         policy = config.policy
         self._peers = frozenset(peer.ae_title for peer in policy.peers)
         uids = {VERIFICATION_SOP_CLASS}
@@ -320,6 +349,13 @@ class Metrics:
         associations, rules in force, ...) leave the sums; its counters stay, they count what
         happened."""
         mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+    def limit_store_state(self, up: bool) -> None:
+        """(``relay/redis_store.py:StoreWatcher``) The shared store answers again, or not."""
+        self.limit_store_up.labels("redis").set(int(up))
+
+    def limit_store_fallback(self, fail: str) -> None:
+        self._child(self.limit_store_fallbacks, "redis", fail).inc()
 
     def audit_counters(self, sink: str) -> tuple[Callable[[], None], Callable[[], None]]:
         """(count a dropped event, count a failed write) for the audit sink called ``sink``."""
@@ -472,7 +508,8 @@ def _earliest_next_update(path: Path) -> float | None:
 
 
 class MetricsServer:
-    """``/metrics`` over HTTP on its own thread, so a scrape never waits for the event loop.
+    """``/metrics`` over HTTP on its own thread, so a scrape never waits for the event loop,
+    and beside it ``/ready`` and ``/live`` from ``health`` (``observe/health.py``).
 
     With ``PROMETHEUS_MULTIPROC_DIR`` set it serves the sum over every process writing to that
     directory instead of this process's registry.
@@ -486,6 +523,8 @@ class MetricsServer:
         disable_created_metrics()  # type: ignore[no-untyped-call]  # half the series
         self._server: WSGIServer
         self._server, self._thread = start_http_server(endpoint.port, endpoint.host, exposed)
+        self.health = Health()
+        self._server.set_app(with_health(make_wsgi_app(exposed), self.health))
 
     @property
     def port(self) -> int:

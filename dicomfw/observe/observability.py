@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from operator import attrgetter
 from typing import Final
 
 from dicomfw.config.model import Config
 from dicomfw.logsetup import log_event
 from dicomfw.observe.atna import atna_sink
 from dicomfw.observe.audit import AuditTrail, QueuedSink, json_lines_sink
+from dicomfw.observe.health import Health
 from dicomfw.observe.metrics import Metrics, MetricsServer
 from dicomfw.relay.server import Observer
 
@@ -56,6 +58,8 @@ class Observability:
             for sink in sinks:
                 sink.close(1.0)
             raise
+        # What /ready and /live answer when this process serves metrics (not in a worker).
+        self.health = Health() if self.server is None else self.server.health
         if sinks:
             self.audit = AuditTrail(sinks)
             self.audit.configure(config)
@@ -100,13 +104,15 @@ class Observability:
             self.server.close()
 
 
-#: Sections of the rules file a reload cannot apply: they take effect at the next start.
-START_ONLY: Final = ("metrics", "audit", "workers")
+#: Settings of the rules file a reload cannot apply: they take effect at the next start.
+START_ONLY: Final = ("metrics", "audit", "workers", "instance", "limits.store")
 
 
 def warn_restart_needed(started: Config, reloaded: Config) -> None:
     """Log, once per reload, which start-only sections now differ from those in force."""
-    changed = [name for name in START_ONLY if getattr(started, name) != getattr(reloaded, name)]
+    changed = [
+        name for name in START_ONLY if attrgetter(name)(started) != attrgetter(name)(reloaded)
+    ]
     if changed:
         log_event(
             log,

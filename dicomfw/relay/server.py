@@ -129,9 +129,18 @@ Observer = Callable[[AssociationInfo, "Event | Refused"], None]
 
 class LimitStore(Protocol):
     """Where the association limits and per-peer request rates of every instance are kept
-    (``Limiter(shared=True)``): one atomic decision per query."""
+    (``Limiter(shared=True)``): one atomic decision per query. An association it admitted
+    holds its slots until ``release`` (called once the connection is gone, however it ended)."""
 
     async def decide(self, query: LimitQuery, gate: Gate) -> Reject | Refuse | Delay | None: ...
+
+    def release(self, gate: Gate) -> None: ...
+
+    @property
+    def accepting(self) -> bool:
+        """False while every new association would be refused (the store cannot answer and
+        the rules say ``fail: closed``): a load balancer should send them elsewhere."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -464,6 +473,10 @@ class Association(asyncio.Protocol):
                     tls = (
                         self._upstream_tls if command.side is Side.UPSTREAM else self._requester_tls
                     )
+                    if not tls and len(command.data) > 1:
+                        # e.g. a held message let go: its PDUs in one writev, not one send each
+                        transport.writelines(command.data)
+                        continue
                     for buffer in command.data:
                         if tls and len(buffer) > TLS_WRITE_BYTES:
                             _write_in_pieces(transport, buffer, TLS_WRITE_BYTES)
@@ -537,6 +550,8 @@ class Association(asyncio.Protocol):
         if self._wakeup is not None:
             self._wakeup.cancel()
         self._gate.release()
+        if self._relay.limit_store is not None:
+            self._relay.limit_store.release(self._gate)
         self._relay.associations.discard(self)
 
     def _spawn(self, coroutine: Any) -> None:

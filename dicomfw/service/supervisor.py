@@ -92,6 +92,7 @@ def run(config_path: Path, drain_seconds: float | None = None) -> int:
     worker exists.
     """
     config = load_config(config_path)
+    logsetup.tag_process(instance=config.instance)
     if config.workers == 1:
         from dicomfw.service import daemon
 
@@ -145,6 +146,7 @@ class _Worker:
     killed: bool = False
     active: int = 0
     pending: int = 0
+    accepting: bool = True  # it could admit new associations (``daemon.accepting``)
 
 
 @dataclass
@@ -186,9 +188,14 @@ class Supervisor:
         self._reload: _Reload | None = None
         self._reload_again = False  # a SIGHUP came while a reload was running
         self._stop_deadline: float | None = None
+        self._notice_until: float | None = None  # draining: /ready says 503, ports still open
         self._stopping_announced = False
         self._last_ping = 0.0
         self._status = 0
+        if server is not None:
+            from dicomfw.service.daemon import NOT_ACCEPTING
+
+            server.health.require(NOT_ACCEPTING, self._accepting)
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -220,6 +227,10 @@ class Supervisor:
         return _TICK_SECONDS if watchdog is None else min(_TICK_SECONDS, watchdog / 4)
 
     def _tick(self, now: float) -> None:
+        if self._server is not None:
+            self._server.health.beat()
+        if self._notice_until is not None and now >= self._notice_until:
+            self._stop()
         for slot, due in list(self._restart_at.items()):
             if due <= now:
                 del self._restart_at[slot]
@@ -294,7 +305,7 @@ class Supervisor:
                 if signum == signal.SIGHUP:
                     self._begin_reload()
                 elif signum in (signal.SIGTERM, signal.SIGINT):
-                    self._stop()
+                    self._begin_stop()
                 # SIGCHLD: reaping follows in the loop
 
     # ---- starting and losing workers -----------------------------------------------------------
@@ -349,7 +360,8 @@ class Supervisor:
             logsetup.tag_process(worker=slot, pid=os.getpid())
             from dicomfw.service import daemon
 
-            setup = daemon.WorkerSetup(self._runtime, self._sockets, _ParentLink(link))
+            announcer = _ParentLink(link, daemon.accepting)
+            setup = daemon.WorkerSetup(self._runtime, self._sockets, announcer)
             status = daemon.run(self._config_path, self._drain_seconds, setup)
         except OSError as error:  # e.g. the audit file cannot be opened: as `dicomfw run` says
             log_event(log, logging.ERROR, "worker_failed", error=f"cannot start: {error}")
@@ -447,6 +459,7 @@ class Supervisor:
                 fields[key] = value
             worker.active = int(fields.get("ACTIVE", worker.active))
             worker.pending = int(fields.get("PENDING", worker.pending))
+            worker.accepting = fields.get("ACCEPTING", "1") == "1"
             if "READY" in fields:
                 self._worker_ready(worker)
             if "RELOADED" in fields:
@@ -476,6 +489,12 @@ class Supervisor:
                 **served_certificates(self._runtime),
             )
             self._notifier.ready(self._describe("serving"))
+            if self._server is not None:
+                self._server.health.started()
+
+    def _accepting(self) -> bool:
+        """(``/ready``, on the metrics thread) Every worker can admit new associations."""
+        return all(worker.accepting for worker in list(self._workers.values()))
 
     # ---- reload --------------------------------------------------------------------------------
 
@@ -551,7 +570,20 @@ class Supervisor:
 
     # ---- stop ----------------------------------------------------------------------------------
 
+    def _begin_stop(self) -> None:
+        """SIGTERM: /ready says 503 at once; the ports stay open ``drain_notice_seconds`` more
+        (``daemon.give_notice``), then the workers drain."""
+        if self._server is not None:
+            self._server.health.draining()
+        notice = self._runtime.config.limits.drain_notice_seconds
+        if not notice or not self._announced or self._notice_until is not None:
+            self._stop()
+            return
+        self._notice_until = time.monotonic() + notice
+        log_event(log, logging.INFO, "draining", notice_seconds=notice)
+
     def _stop(self) -> None:
+        self._notice_until = None
         if self._stop_deadline is not None:
             return
         drain = self._drain_seconds
@@ -585,15 +617,17 @@ class _ParentLink:
     SIGTERM rather than serve on unsupervised.
     """
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, accepting: Callable[[Relay], bool]) -> None:
         sock.setblocking(False)
         self._sock = sock
+        self._accepting = accepting
         self._loop: asyncio.AbstractEventLoop | None = None
         self._orphaned = False
 
     def _send(self, relay: Relay, *fields: str) -> None:
         usage = relay.limiter.usage()
-        message = "\n".join((*fields, f"ACTIVE={usage.active}", f"PENDING={usage.pending}"))
+        counts = (f"ACTIVE={usage.active}", f"PENDING={usage.pending}")
+        message = "\n".join((*fields, *counts, f"ACCEPTING={int(self._accepting(relay))}"))
         try:
             self._sock.send(message.encode())
         except BlockingIOError:
