@@ -62,18 +62,17 @@ from dicomfw.core.dataset import (
     Walker,
 )
 from dicomfw.core.dictionary import (
-    AE,
-    AS,
-    CS,
-    DA,
-    DT,
     OB,
     OPAQUE_VRS,
     OW,
     SQ,
-    TM,
+    SYNTAX_VRS,
     UI,
     UNIT_SIZE,
+    VR_ALWAYS_READ,
+    VR_OPAQUE,
+    VR_SYNTAX,
+    VR_TABLE,
     single_valued,
 )
 from dicomfw.core.executable import HEAD_BYTES, executable_kind
@@ -274,10 +273,11 @@ class DataSetInspector(Visitor):
             | frozenset(rules.allowed_values)
         )
         self._watched_vrs = (
-            frozenset((UI, SQ))
-            | (_SYNTAX_VRS if rules.conformance else frozenset())
-            | (OPAQUE_VRS if rules.executables else frozenset())
+            VR_ALWAYS_READ
+            | (VR_SYNTAX if rules.conformance else 0)
+            | (VR_OPAQUE if rules.executables else 0)
         )
+        self._any_private = rules.private_creators is None
         self._reported = 0
         self._fed = 0
         self._instance = self._role == _INSTANCE
@@ -371,12 +371,12 @@ class DataSetInspector(Visitor):
     def element(self, tag: int, vr: int, length: int, depth: int) -> int:
         group = tag >> 16
         if (
-            not group & 1
-            and tag not in self._watched
-            and vr not in self._watched_vrs
-            and not self._identifier
+            not VR_TABLE[vr] & self._watched_vrs
+            and (self._any_private or not group & 1)
             and length != UNDEFINED
+            and not self._identifier
             and not 0x6000 <= group <= 0x601E
+            and tag not in self._watched
         ):
             return SKIP  # most elements: nothing to read, nothing to note
         return self._element(tag, vr, length, depth)
@@ -434,7 +434,7 @@ class DataSetInspector(Visitor):
         return (
             (self._identifier and (depth == 0 or self._worklist))
             or (tag >> 16 & 1 == 1 and rules.private_creators is not None and tag & 0xFF00 == 0)
-            or (rules.conformance and vr in _SYNTAX_VRS)
+            or (rules.conformance and vr in SYNTAX_VRS)
         )
 
     def _large(self, tag: int, vr: int, depth: int) -> int:
@@ -728,8 +728,7 @@ class DataSetInspector(Visitor):
 
 _OVERLAY_ATTRIBUTES: Final = frozenset((OVERLAY_ROWS, OVERLAY_COLUMNS, OVERLAY_FRAMES))
 _PIXEL_DATA_TAGS: Final = frozenset((PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA))
-#: VRs whose values the conformance tier reads.
-_SYNTAX_VRS: Final = frozenset((AE, AS, CS, DA, DT, TM))
+
 #: Top-level keys an identifier may carry (more is no query a person wrote).
 MAX_KEYS: Final = 1024
 
