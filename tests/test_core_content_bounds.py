@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicomfw.core.content import ContentRules, DataSetInspector, Finding, Message
+from dicomfw.core.content import CHECKS, ContentRules, DataSetInspector, Finding, Message
 from tests.datasets import (
     CT,
     DEFLATED,
@@ -142,6 +142,8 @@ def _feed_all(message: Message, data: bytes, split: int) -> list[Finding]:
             found += inspector.feed(piece, last)
         assert inspector.header_checked or not data
         assert inspector.fed == len(data)
+    for one in found:  # every finding is of its check's kind and tier
+        assert CHECKS[one.check] == (one.kind, one.conformance)
     return found
 
 

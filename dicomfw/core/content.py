@@ -139,6 +139,7 @@ CHECKS: Final[dict[str, tuple[Kind, bool]]] = {
     "element_count": (Kind.TOO_LARGE, False),
     "encapsulated_fragments": (Kind.MALFORMED, False),
     "deflate_bound": (Kind.TOO_LARGE, False),
+    "deflate_stream": (Kind.MALFORMED, False),
     "instance_size": (Kind.TOO_LARGE, False),
     "document_size": (Kind.TOO_LARGE, False),
     # values

@@ -265,7 +265,7 @@ class Walker:
             try:
                 out = inflater.decompress(data, _INFLATE_STEP)
             except zlib.error:
-                self._malformed("deflate_bound", "deflated data set does not inflate")
+                self._malformed("deflate_stream", "the deflated data set does not inflate")
                 return
             data = inflater.unconsumed_tail or inflater.unused_data
             if not self._account(len(out)):
