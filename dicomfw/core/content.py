@@ -265,13 +265,16 @@ class DataSetInspector(Visitor):
         self._findings: list[Finding] = []
         #: What ``element`` looks at beyond the odd groups, overlays and identifiers: the fast
         #: path skips everything else without a second look.
+        #: Top-level tags a C-STORE's policy checks read.
+        self._policy_tags = (
+            frozenset(rules.required) | frozenset(rules.allowed_values) | {DOCUMENT_MIME_TYPE}
+        )
         self._watched = (
             PIXEL_ATTRIBUTES
             | _PIXEL_DATA_TAGS
-            | {ENCAPSULATED_DOCUMENT, DOCUMENT_MIME_TYPE}
+            | self._policy_tags
             | rules.refused
-            | frozenset(rules.required)
-            | frozenset(rules.allowed_values)
+            | {ENCAPSULATED_DOCUMENT}
         )
         self._watched_vrs = (
             VR_ALWAYS_READ
@@ -303,7 +306,6 @@ class DataSetInspector(Visitor):
         self._sop_instance: str | None = None
         self._present: set[int] = set()  # required / document tags seen non-empty
         self._document = False
-        self._document_length = 0
         #: top-level keys whose universality matters: the route's refused keys, at any level
         self._universal_keys: frozenset[int] = frozenset().union(
             *rules.universal_match_refused.values()
@@ -320,17 +322,21 @@ class DataSetInspector(Visitor):
         kind the walk cannot go on: later feeds return []. Never raises; keeps no reference to
         ``fragment``."""
         self._fed += len(fragment)
-        if (self._walker.stopped or self._walker.done) and not self._findings:
-            return []  # (a finding made before the first feed, e.g. transfer_syntax, is not lost)
+        walker = self._walker
         limit = self._rules.max_instance_bytes
-        if self._walker.stopped:
-            pass  # only the findings made before the first feed are left to return
-        elif self._instance and limit is not None and self._fed > limit:
+        # Once stopped or done, only a finding made before the first feed (transfer_syntax)
+        # may be left to return.
+        if walker.stopped or walker.done:
+            return self._take_findings()
+        if self._instance and limit is not None and self._fed > limit:
             self._report("instance_size", f"the data set is larger than {limit} bytes")
         else:
-            self._walker.feed(fragment, last)
-            if last and self._walker.done:
+            walker.feed(fragment, last)
+            if last and walker.done:
                 self._end_checks()
+        return self._take_findings()
+
+    def _take_findings(self) -> list[Finding]:
         found = list(self._findings)
         self._findings.clear()
         return found
@@ -407,7 +413,7 @@ class DataSetInspector(Visitor):
         elif is_overlay_group(group) and tag & 0xFFFF == OVERLAY_DATA:
             self._overlay_length(tag, length)
         if length > rules.max_value_bytes:
-            return self._large(tag, vr, depth)
+            return self._large(tag, vr, length, depth)
         if self._wants_value(tag, vr, depth):
             return VALUE
         if rules.executables and vr in OPAQUE_VRS and length:
@@ -421,15 +427,7 @@ class DataSetInspector(Visitor):
     def _wants_value(self, tag: int, vr: int, depth: int) -> bool:
         rules = self._rules
         if depth == 0 and (
-            tag == ENCAPSULATED_DOCUMENT
-            or (
-                self._instance
-                and (
-                    tag in rules.allowed_values
-                    or tag in rules.required
-                    or tag == DOCUMENT_MIME_TYPE
-                )
-            )
+            tag == ENCAPSULATED_DOCUMENT or (self._instance and tag in self._policy_tags)
         ):
             return True
         return (
@@ -438,22 +436,16 @@ class DataSetInspector(Visitor):
             or (rules.conformance and vr in SYNTAX_VRS)
         )
 
-    def _large(self, tag: int, vr: int, depth: int) -> int:
+    def _large(self, tag: int, vr: int, length: int, depth: int) -> int:
         """A value longer than ``max_value_bytes``: only an Encapsulated Document is read whole
         (up to ``max_document_bytes``), of the others at most the first bytes."""
-        if depth == 0 and tag == ENCAPSULATED_DOCUMENT:
-            self._document = True
-            self._present.add(tag)
-            if self._rules.active_content:
-                return VALUE if self._length_ok_for_document() else HEAD
         if depth == 0:
-            self._present.add(tag)
+            self._present.add(tag)  # too long to be empty
+            if tag == ENCAPSULATED_DOCUMENT and self._rules.active_content:
+                return VALUE if length <= self._rules.max_document_bytes else HEAD
         if self._rules.executables and vr in OPAQUE_VRS:
             return HEAD
         return SKIP
-
-    def _length_ok_for_document(self) -> bool:
-        return self._document_length <= self._rules.max_document_bytes
 
     def value(self, tag: int, vr: int, value: bytes, depth: int) -> None:
         group = tag >> 16
@@ -600,7 +592,6 @@ class DataSetInspector(Visitor):
             self._top_sequence = tag
         if tag == ENCAPSULATED_DOCUMENT:
             self._document = True
-            self._document_length = length
         if self._identifier:
             if len(self._keys) < MAX_KEYS:
                 self._keys.append(tag)
