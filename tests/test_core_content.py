@@ -559,3 +559,17 @@ def test_pixel_data_in_an_item_is_held_to_the_item_s_attributes() -> None:
     leaked = image(rows=4, columns=4, after=bare_icon)
     assert checks(store(leaked)) == ["pixel_data_length"]
     assert store(image(rows=4, columns=4, after=sequence(0x00880200, [item(icon)]))) == []
+
+
+def test_required_binary_attributes_and_sequences() -> None:
+    rules = ContentRules(required=(0x00081140, 0x7FE00010))
+    with_items = sop() + sequence(0x00081140, [item(text(0x00081150, "UI", CT))])
+    assert checks(store(with_items + element(0x7FE00010, "OB", b"ab"), rules)) == [
+        "pixel_data_length"
+    ]
+    assert checks(store(with_items, rules)) == ["required_attribute"]
+    empty = sop() + sequence(0x00081140, [], defined=False)
+    assert checks(store(empty, rules)) == ["required_attribute", "required_attribute"]
+    header = sop() + sequence(0x00081140, [item(b"")]) + us(0x00280010, 4)
+    encapsulated = header + us(0x00280011, 4) + us(0x00280100, 8) + fragments(b"ab")
+    assert checks(store(encapsulated, rules, syntax=JPEG_BASELINE)) == []

@@ -67,8 +67,8 @@ from dicomfw.core.dictionary import (
     OW,
     SQ,
     SYNTAX_VRS,
+    TEXT_VRS,
     UI,
-    UNIT_SIZE,
     VR_ALWAYS_READ,
     VR_OPAQUE,
     VR_SYNTAX,
@@ -427,7 +427,8 @@ class DataSetInspector(Visitor):
     def _wants_value(self, tag: int, vr: int, depth: int) -> bool:
         rules = self._rules
         if depth == 0 and (
-            tag == ENCAPSULATED_DOCUMENT or (self._instance and tag in self._policy_tags)
+            tag == ENCAPSULATED_DOCUMENT
+            or (self._instance and tag in self._policy_tags and vr in TEXT_VRS)
         ):
             return True
         return (
@@ -588,8 +589,10 @@ class DataSetInspector(Visitor):
     # ---- top-level elements ------------------------------------------------------------------
 
     def _top_element(self, tag: int, vr: int, length: int) -> None:
-        if vr == SQ or length == UNDEFINED:
-            self._top_sequence = tag
+        if vr == SQ:
+            self._top_sequence = tag  # present (not empty) once it has an item
+        elif length and vr not in TEXT_VRS:  # encapsulated pixel data too
+            self._present.add(tag)  # a binary value is not empty if it has bytes
         if tag == ENCAPSULATED_DOCUMENT:
             self._document = True
         if self._identifier:
@@ -601,7 +604,7 @@ class DataSetInspector(Visitor):
                 self._report("query_keys", f"{tag_text(tag)} is not a Modality Worklist key")
 
     def _top_value(self, tag: int, vr: int, value: bytes) -> None:
-        if value if vr in UNIT_SIZE or vr in OPAQUE_VRS else value.strip(b"\x00 "):
+        if vr in TEXT_VRS and value.strip(b"\x00 "):
             self._present.add(tag)
         if tag == SOP_CLASS_UID:
             self._sop_class = _text(value)

@@ -81,6 +81,9 @@ UNIT_SIZE: Final[dict[int, int]] = {
     US: 2, SS: 2, OW: 2, UL: 4, SL: 4, FL: 4, OF: 4, OL: 4, AT: 4,
     FD: 8, OD: 8, SV: 8, UV: 8, OV: 8,
 }  # fmt: skip
+#: The string VRs (PS3.5 Table 6.2-1): their padding is not content, so a value of only
+#: spaces or NULs is empty.
+TEXT_VRS: Final = frozenset((AE, AS, CS, DA, DS, DT, IS, LO, LT, PN, SH, ST, TM, UC, UI, UR, UT))
 #: Values that may carry a file (PS3.5 Table 6.2-1: "other" binary, unknown, unlimited text):
 #: the executable check looks at their first bytes.
 OPAQUE_VRS: Final = frozenset((OB, OW, UN, UT, LT))
