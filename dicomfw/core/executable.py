@@ -77,15 +77,12 @@ def _script(head: bytes) -> bool:
 def executable_kind(head: bytes) -> str | None:
     """ "PE", "ELF", "Mach-O" or "script" when ``head`` (a value's first bytes) starts an
     executable of that kind, else None."""
-    if not head:
-        return None
-    first = head[0]  # one comparison for the values that start like nothing executable
-    if first == 0x4D:
-        return "PE" if _pe(head) else None
-    if first == 0x7F:
-        return "ELF" if _elf(head) else None
-    if first in (0xFE, 0xCE, 0xCF, 0xCA):
-        return "Mach-O" if _macho(head) else None
-    if first == 0x23:
-        return "script" if _script(head) else None
+    if _pe(head):
+        return "PE"
+    if _elf(head):
+        return "ELF"
+    if _macho(head):
+        return "Mach-O"
+    if _script(head):
+        return "script"
     return None
