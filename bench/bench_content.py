@@ -6,17 +6,20 @@ data must cost O(1) per fragment (skipped by its length). Each data set is fed a
 would, in 16 KiB PDV fragments (memoryview slices); the baseline only slices the same fragments
 and touches nothing, which is what forwarding costs today.
 
-Run: python bench/bench_content.py           (compiled when `pip install -e .` built the .so files)
+Run: python bench/bench_content.py   (compiled when `pip install -e .` built the .so files;
+with DICOMFW_PURE_PYTHON=1, or after deleting them, the pure-Python sources are measured)
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import subprocess
 import sys
 import tempfile
 import timeit
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from pydicom import dcmread
@@ -27,10 +30,12 @@ from dicomfw.core.dataset import Visitor, Walker
 from dicomfw.core.executable import HEAD_BYTES
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.datasets import CT, EXPLICIT_LE, INSTANCE, image
 from tests.dicomfiles import DATA, data_set
 
 FRAGMENT = 16_384
 PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+Fragments = list[tuple[memoryview, bool]]
 
 
 def _dcmtk_ct(directory: Path) -> Path:
@@ -49,7 +54,7 @@ def _dcmtk_ct(directory: Path) -> Path:
     return target
 
 
-def _fragments(data: bytes) -> list[tuple[memoryview, bool]]:
+def _fragments(data: bytes) -> Fragments:
     view = memoryview(data)
     return [
         (view[pos : pos + FRAGMENT], pos + FRAGMENT >= len(data))
@@ -67,69 +72,77 @@ def _elements(syntax: str, data: bytes) -> int:
     return len(walker.trace)
 
 
-def _best(function: object, number: int) -> float:
-    assert callable(function)
+def _best(function: Callable[[], None], number: int) -> float:
+    """µs per call, the best of 7 rounds (the machine is shared: the minimum is the signal)."""
     return min(timeit.repeat(function, number=number, repeat=7)) / number * 1e6
+
+
+def _inspect(rules: ContentRules, message: Message, fragments: Fragments) -> None:
+    inspector = DataSetInspector(rules, message)
+    for fragment, last in fragments:
+        inspector.feed(fragment, last)
+
+
+def _forward(fragments: Fragments) -> None:
+    for fragment, _ in fragments:
+        len(fragment)
+
+
+def _row(name: str, path: Path) -> str:
+    syntax, data = data_set(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = dcmread(path, stop_before_pixels=True)
+    sop_class = str(ds.SOPClassUID)
+    message = Message(1, sop_class, str(ds.SOPInstanceUID), sop_class, syntax)
+    rules = ContentRules()
+    assert DataSetInspector(rules, message).feed(data, True) == [], name
+    pixels = data.rfind(PIXEL_DATA_TAG)
+    header = data[: pixels if pixels > 0 else len(data)]
+    count = _elements(syntax, header)
+    header_us = _best(functools.partial(_inspect, rules, message, _fragments(header)), 200)
+    whole_us = _best(functools.partial(_inspect, rules, message, _fragments(data)), 200)
+    base_us = _best(functools.partial(_forward, _fragments(data)), 2000)
+    return (
+        f"{name:30} {len(data):7} {count:8} {header_us:10.1f} {header_us / count:8.3f} "
+        f"{whole_us:9.1f} {base_us:11.2f}"
+    )
+
+
+def _pixel_row(side: int) -> str:
+    data = image(rows=side, columns=side)
+    fragments = _fragments(data)
+    message = Message(1, CT, INSTANCE, CT, EXPLICIT_LE)
+    whole = _best(functools.partial(_inspect, ContentRules(), message, fragments), 3)
+    return (
+        f"{f'{side}x{side}x16':30} {len(data):10} {len(fragments):9} {whole:9.0f} "
+        f"{whole / len(fragments):11.3f}"
+    )
 
 
 def main() -> None:
     compiled = content.__file__.endswith(".so")
     print(f"dicomfw.core.content: {'compiled (mypyc)' if compiled else 'pure Python'}")
+    print(
+        f"{'data set':30} {'bytes':>7} {'elements':>8} {'header µs':>10} {'µs/elem':>8} "
+        f"{'whole µs':>9} {'baseline µs':>11}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        cases = [
+        for name, path in (
             ("CT_small.dcm", DATA / "test_files" / "CT_small.dcm"),
             ("MR_small.dcm", DATA / "test_files" / "MR_small.dcm"),
             ("DCMTK-made CT", _dcmtk_ct(Path(tmp))),
             ("JPEG2000.dcm (encapsulated)", DATA / "test_files" / "JPEG2000.dcm"),
             ("rtplan.dcm (implicit VR)", DATA / "test_files" / "rtplan.dcm"),
-        ]
-        rows = []
-        for name, path in cases:
-            syntax, data = data_set(path)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                ds = dcmread(path, stop_before_pixels=True)
-            sop_class, instance = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
-            message = Message(1, sop_class, instance, sop_class, syntax)
-            rules = ContentRules()
-            pixels = data.rfind(PIXEL_DATA_TAG)
-            header = data[: pixels if pixels > 0 else len(data)]
-            count = _elements(syntax, header) if pixels > 0 else _elements(syntax, data)
-            whole = _fragments(data)
-            head_only = _fragments(header)
-
-            # Each closure is timed in this iteration: the loop's values are bound as defaults.
-            def inspect(
-                fragments: list[tuple[memoryview, bool]] = whole,
-                rules: ContentRules = rules,
-                message: Message = message,
-            ) -> None:
-                inspector = DataSetInspector(rules, message)
-                for fragment, last in fragments:
-                    inspector.feed(fragment, last)
-
-            def header_walk(head_only: list[tuple[memoryview, bool]] = head_only) -> None:
-                inspect(head_only)
-
-            def baseline(whole: list[tuple[memoryview, bool]] = whole) -> None:
-                for fragment, _ in whole:
-                    len(fragment)
-
-            assert DataSetInspector(rules, message).feed(data, True) == [], name
-            header_us = _best(header_walk, 200)
-            rows.append(
-                (name, len(data), count, header_us, header_us / count, _best(inspect, 200),
-                 _best(baseline, 2000))
-            )  # fmt: skip
+        ):
+            print(_row(name, path))
+    # Native pixel data is skipped by its length: the cost per fragment stays flat.
     print(
-        f"{'data set':30} {'bytes':>7} {'elements':>8} {'header µs':>10} {'µs/elem':>8} "
-        f"{'whole µs':>9} {'baseline µs':>11}"
+        f"\n{'native CT, 16 KiB fragments':30} {'bytes':>10} {'fragments':>9} {'whole µs':>9} "
+        f"{'µs/fragment':>11}"
     )
-    for name, size, count, header_us, per_element, whole_us, base_us in rows:
-        print(
-            f"{name:30} {size:7} {count:8} {header_us:10.1f} {per_element:8.3f} "
-            f"{whole_us:9.1f} {base_us:11.2f}"
-        )
+    for side in (512, 2048, 5120):
+        print(_pixel_row(side))
 
 
 if __name__ == "__main__":

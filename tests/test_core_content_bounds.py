@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dicomfw.core.content import ContentRules, DataSetInspector, Finding, Message
+from dicomfw.core.content import CHECKS, ContentRules, DataSetInspector, Finding, Message
 from tests.datasets import (
     CT,
     DEFLATED,
@@ -142,6 +142,8 @@ def _feed_all(message: Message, data: bytes, split: int) -> list[Finding]:
             found += inspector.feed(piece, last)
         assert inspector.header_checked or not data
         assert inspector.fed == len(data)
+    for one in found:  # every finding is of its check's kind and tier
+        assert CHECKS[one.check] == (one.kind, one.conformance)
     return found
 
 
@@ -179,3 +181,44 @@ def test_mutated_pydicom_files_end_in_findings_or_none(
     for where, byte in mutations:
         data[min(len(data) - 1, int(where * len(data)))] = byte
     _feed_all(Message(command, CT, INSTANCE, CT, syntax), bytes(data), split)
+
+
+_VRS = ["UI", "US", "OB", "OW", "UN", "SQ", "LT", "CS", "DA", "FD", "AT", "LO", "XX"]
+_MARKERS = [
+    struct.pack("<HHL", 0xFFFE, 0xE000, UNDEFINED),
+    struct.pack("<HHL", 0xFFFE, 0xE00D, 0),
+    struct.pack("<HHL", 0xFFFE, 0xE0DD, 0),
+    struct.pack("<HHL", 0xFFFE, 0xE000, 0),
+]
+_PIECE = st.one_of(
+    st.builds(
+        lambda group, number, vr, value, undefined: element(
+            group << 16 | number,
+            vr,
+            value,
+            length=UNDEFINED if undefined and vr in ("OB", "OW", "UN", "SQ") else None,
+        ),
+        st.sampled_from([0x0008, 0x0009, 0x0028, 0x0042, 0x6000, 0x7FE0, 0x0001, 0xFFFE]),
+        st.sampled_from([0x0010, 0x0011, 0x0016, 0x0018, 0x0100, 0x1010, 0x3000]),
+        st.sampled_from(_VRS),
+        st.sampled_from([b"", b"\x00\x01", b"1.2.3\x00", b"MZ" + bytes(62), b"%PDF-1.4 /JS"]),
+        st.booleans(),
+    ),
+    st.sampled_from(_MARKERS),
+)
+
+
+@settings(
+    max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    pieces=st.lists(_PIECE, max_size=24),
+    syntax=st.sampled_from([*SYNTAXES[:3], "1.2.840.10008.1.2.4.50"]),
+    split=st.integers(1, 64),
+    command=st.sampled_from(COMMANDS),
+)
+def test_element_soup_ends_in_findings_or_none(
+    pieces: list[bytes], syntax: str, split: int, command: int
+) -> None:
+    """Pieces of data sets (elements, items, delimiters, sequences left open) in any order."""
+    _feed_all(Message(command, CT, INSTANCE, CT, syntax), b"".join(pieces), split)

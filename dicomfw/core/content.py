@@ -62,18 +62,17 @@ from dicomfw.core.dataset import (
     Walker,
 )
 from dicomfw.core.dictionary import (
-    AE,
-    AS,
-    CS,
-    DA,
-    DT,
     OB,
     OPAQUE_VRS,
     OW,
     SQ,
-    TM,
+    SYNTAX_VRS,
+    TEXT_VRS,
     UI,
-    UNIT_SIZE,
+    VR_ALWAYS_READ,
+    VR_OPAQUE,
+    VR_SYNTAX,
+    VR_TABLE,
     single_valued,
 )
 from dicomfw.core.executable import HEAD_BYTES, executable_kind
@@ -140,6 +139,7 @@ CHECKS: Final[dict[str, tuple[Kind, bool]]] = {
     "element_count": (Kind.TOO_LARGE, False),
     "encapsulated_fragments": (Kind.MALFORMED, False),
     "deflate_bound": (Kind.TOO_LARGE, False),
+    "deflate_stream": (Kind.MALFORMED, False),
     "instance_size": (Kind.TOO_LARGE, False),
     "document_size": (Kind.TOO_LARGE, False),
     # values
@@ -265,19 +265,23 @@ class DataSetInspector(Visitor):
         self._findings: list[Finding] = []
         #: What ``element`` looks at beyond the odd groups, overlays and identifiers: the fast
         #: path skips everything else without a second look.
+        #: Top-level tags a C-STORE's policy checks read.
+        self._policy_tags = (
+            frozenset(rules.required) | frozenset(rules.allowed_values) | {DOCUMENT_MIME_TYPE}
+        )
         self._watched = (
             PIXEL_ATTRIBUTES
             | _PIXEL_DATA_TAGS
-            | {ENCAPSULATED_DOCUMENT, DOCUMENT_MIME_TYPE}
+            | self._policy_tags
             | rules.refused
-            | frozenset(rules.required)
-            | frozenset(rules.allowed_values)
+            | {ENCAPSULATED_DOCUMENT}
         )
         self._watched_vrs = (
-            frozenset((UI, SQ))
-            | (_SYNTAX_VRS if rules.conformance else frozenset())
-            | (OPAQUE_VRS if rules.executables else frozenset())
+            VR_ALWAYS_READ
+            | (VR_SYNTAX if rules.conformance else 0)
+            | (VR_OPAQUE if rules.executables else 0)
         )
+        self._any_private = rules.private_creators is None
         self._reported = 0
         self._fed = 0
         self._instance = self._role == _INSTANCE
@@ -302,7 +306,6 @@ class DataSetInspector(Visitor):
         self._sop_instance: str | None = None
         self._present: set[int] = set()  # required / document tags seen non-empty
         self._document = False
-        self._document_length = 0
         #: top-level keys whose universality matters: the route's refused keys, at any level
         self._universal_keys: frozenset[int] = frozenset().union(
             *rules.universal_match_refused.values()
@@ -319,17 +322,21 @@ class DataSetInspector(Visitor):
         kind the walk cannot go on: later feeds return []. Never raises; keeps no reference to
         ``fragment``."""
         self._fed += len(fragment)
-        if (self._walker.stopped or self._walker.done) and not self._findings:
-            return []  # (a finding made before the first feed, e.g. transfer_syntax, is not lost)
+        walker = self._walker
         limit = self._rules.max_instance_bytes
-        if self._walker.stopped:
-            pass  # only the findings made before the first feed are left to return
-        elif self._instance and limit is not None and self._fed > limit:
+        # Once stopped or done, only a finding made before the first feed (transfer_syntax)
+        # may be left to return.
+        if walker.stopped or walker.done:
+            return self._take_findings()
+        if self._instance and limit is not None and self._fed > limit:
             self._report("instance_size", f"the data set is larger than {limit} bytes")
         else:
-            self._walker.feed(fragment, last)
-            if last and self._walker.done:
+            walker.feed(fragment, last)
+            if last and walker.done:
                 self._end_checks()
+        return self._take_findings()
+
+    def _take_findings(self) -> list[Finding]:
         found = list(self._findings)
         self._findings.clear()
         return found
@@ -371,12 +378,12 @@ class DataSetInspector(Visitor):
     def element(self, tag: int, vr: int, length: int, depth: int) -> int:
         group = tag >> 16
         if (
-            not group & 1
-            and tag not in self._watched
-            and vr not in self._watched_vrs
-            and not self._identifier
+            not VR_TABLE[vr] & self._watched_vrs
+            and (self._any_private or not group & 1)
             and length != UNDEFINED
+            and not self._identifier
             and not 0x6000 <= group <= 0x601E
+            and tag not in self._watched
         ):
             return SKIP  # most elements: nothing to read, nothing to note
         return self._element(tag, vr, length, depth)
@@ -406,7 +413,7 @@ class DataSetInspector(Visitor):
         elif is_overlay_group(group) and tag & 0xFFFF == OVERLAY_DATA:
             self._overlay_length(tag, length)
         if length > rules.max_value_bytes:
-            return self._large(tag, vr, depth)
+            return self._large(tag, vr, length, depth)
         if self._wants_value(tag, vr, depth):
             return VALUE
         if rules.executables and vr in OPAQUE_VRS and length:
@@ -421,38 +428,25 @@ class DataSetInspector(Visitor):
         rules = self._rules
         if depth == 0 and (
             tag == ENCAPSULATED_DOCUMENT
-            or (
-                self._instance
-                and (
-                    tag in rules.allowed_values
-                    or tag in rules.required
-                    or tag == DOCUMENT_MIME_TYPE
-                )
-            )
+            or (self._instance and tag in self._policy_tags and vr in TEXT_VRS)
         ):
             return True
         return (
             (self._identifier and (depth == 0 or self._worklist))
             or (tag >> 16 & 1 == 1 and rules.private_creators is not None and tag & 0xFF00 == 0)
-            or (rules.conformance and vr in _SYNTAX_VRS)
+            or (rules.conformance and vr in SYNTAX_VRS)
         )
 
-    def _large(self, tag: int, vr: int, depth: int) -> int:
+    def _large(self, tag: int, vr: int, length: int, depth: int) -> int:
         """A value longer than ``max_value_bytes``: only an Encapsulated Document is read whole
         (up to ``max_document_bytes``), of the others at most the first bytes."""
-        if depth == 0 and tag == ENCAPSULATED_DOCUMENT:
-            self._document = True
-            self._present.add(tag)
-            if self._rules.active_content:
-                return VALUE if self._length_ok_for_document() else HEAD
         if depth == 0:
-            self._present.add(tag)
+            self._present.add(tag)  # too long to be empty
+            if tag == ENCAPSULATED_DOCUMENT and self._rules.active_content:
+                return VALUE if length <= self._rules.max_document_bytes else HEAD
         if self._rules.executables and vr in OPAQUE_VRS:
             return HEAD
         return SKIP
-
-    def _length_ok_for_document(self) -> bool:
-        return self._document_length <= self._rules.max_document_bytes
 
     def value(self, tag: int, vr: int, value: bytes, depth: int) -> None:
         group = tag >> 16
@@ -595,11 +589,12 @@ class DataSetInspector(Visitor):
     # ---- top-level elements ------------------------------------------------------------------
 
     def _top_element(self, tag: int, vr: int, length: int) -> None:
-        if vr == SQ or length == UNDEFINED:
-            self._top_sequence = tag
+        if vr == SQ:
+            self._top_sequence = tag  # present (not empty) once it has an item
+        elif length and vr not in TEXT_VRS:  # encapsulated pixel data too
+            self._present.add(tag)  # a binary value is not empty if it has bytes
         if tag == ENCAPSULATED_DOCUMENT:
             self._document = True
-            self._document_length = length
         if self._identifier:
             if len(self._keys) < MAX_KEYS:
                 self._keys.append(tag)
@@ -609,7 +604,7 @@ class DataSetInspector(Visitor):
                 self._report("query_keys", f"{tag_text(tag)} is not a Modality Worklist key")
 
     def _top_value(self, tag: int, vr: int, value: bytes) -> None:
-        if value if vr in UNIT_SIZE or vr in OPAQUE_VRS else value.strip(b"\x00 "):
+        if vr in TEXT_VRS and value.strip(b"\x00 "):
             self._present.add(tag)
         if tag == SOP_CLASS_UID:
             self._sop_class = _text(value)
@@ -728,8 +723,7 @@ class DataSetInspector(Visitor):
 
 _OVERLAY_ATTRIBUTES: Final = frozenset((OVERLAY_ROWS, OVERLAY_COLUMNS, OVERLAY_FRAMES))
 _PIXEL_DATA_TAGS: Final = frozenset((PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA))
-#: VRs whose values the conformance tier reads.
-_SYNTAX_VRS: Final = frozenset((AE, AS, CS, DA, DT, TM))
+
 #: Top-level keys an identifier may carry (more is no query a person wrote).
 MAX_KEYS: Final = 1024
 

@@ -57,6 +57,7 @@ from dicomfw.core.dictionary import (
     VR_LONG,
     VR_TABLE,
     implicit_vr,
+    unit_size,
 )
 from dicomfw.core.findings import Finding, Kind, tag_text
 
@@ -264,7 +265,7 @@ class Walker:
             try:
                 out = inflater.decompress(data, _INFLATE_STEP)
             except zlib.error:
-                self._malformed("deflate_bound", "deflated data set does not inflate")
+                self._malformed("deflate_stream", "the deflated data set does not inflate")
                 return
             data = inflater.unconsumed_tail or inflater.unused_data
             if not self._account(len(out)):
@@ -555,7 +556,7 @@ class Walker:
         if not self._fits(length):
             self._malformed("length_overrun", f"{tag_text(tag)} overruns its container")
             return False
-        unit = VR_TABLE[vr] >> 2
+        unit = unit_size(vr)
         if length % unit:
             self._malformed(
                 "vr_value", f"{tag_text(tag)}: length {length} is not a multiple of {unit}"

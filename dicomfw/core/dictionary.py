@@ -81,23 +81,44 @@ UNIT_SIZE: Final[dict[int, int]] = {
     US: 2, SS: 2, OW: 2, UL: 4, SL: 4, FL: 4, OF: 4, OL: 4, AT: 4,
     FD: 8, OD: 8, SV: 8, UV: 8, OV: 8,
 }  # fmt: skip
-#: Everything the walker asks of a VR code in one bytes lookup (64 KiB, indexed by the code):
-#: bit 0 the VR is known, bit 1 it has a 32-bit length in explicit VR, bits 2-5 its unit size.
-VR_KNOWN: Final = 1
-VR_LONG: Final = 2
+#: The string VRs (PS3.5 Table 6.2-1): their padding is not content, so a value of only
+#: spaces or NULs is empty.
+TEXT_VRS: Final = frozenset((AE, AS, CS, DA, DS, DT, IS, LO, LT, PN, SH, ST, TM, UC, UI, UR, UT))
+#: Values that may carry a file (PS3.5 Table 6.2-1: "other" binary, unknown, unlimited text):
+#: the executable check looks at their first bytes.
+OPAQUE_VRS: Final = frozenset((OB, OW, UN, UT, LT))
+#: Everything the walker and the inspector ask of a VR code in one bytes lookup (64 KiB,
+#: indexed by the code, so no int is boxed per element): bit 0 the VR is known, bit 1 it has a
+#: 32-bit length in explicit VR, bits 2-3 log2 of its unit size, bit 4 UI or SQ (always read),
+#: bit 5 a VR the conformance tier reads, bit 6 a VR that may carry a file.
+VR_KNOWN: Final = 0x01
+VR_LONG: Final = 0x02
+VR_ALWAYS_READ: Final = 0x10
+VR_SYNTAX: Final = 0x20
+VR_OPAQUE: Final = 0x40
+SYNTAX_VRS: Final = frozenset((AE, AS, CS, DA, DT, TM))
 
 
 def _vr_table() -> bytes:
     table = bytearray(65_536)
     for vr in KNOWN_VRS:
-        table[vr] = VR_KNOWN | (VR_LONG if vr in LONG_LENGTH_VRS else 0) | UNIT_SIZE.get(vr, 1) << 2
+        table[vr] = (
+            VR_KNOWN
+            | (VR_LONG if vr in LONG_LENGTH_VRS else 0)
+            | UNIT_SIZE.get(vr, 1).bit_length() - 1 << 2
+            | (VR_ALWAYS_READ if vr in (UI, SQ) else 0)
+            | (VR_SYNTAX if vr in SYNTAX_VRS else 0)
+            | (VR_OPAQUE if vr in OPAQUE_VRS else 0)
+        )
     return bytes(table)
 
 
+def unit_size(vr: int) -> int:
+    """The unit size of a known VR's values (1 for text and OB)."""
+    return 1 << (VR_TABLE[vr] >> 2 & 3)
+
+
 VR_TABLE: Final = _vr_table()
-#: Values that may carry a file (PS3.5 Table 6.2-1: "other" binary, unknown, unlimited text):
-#: the executable check looks at their first bytes.
-OPAQUE_VRS: Final = frozenset((OB, OW, UN, UT, LT))
 
 
 def _first_vr(text: str) -> int:
