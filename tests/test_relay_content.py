@@ -210,6 +210,11 @@ CASES: dict[str, tuple[Callable[[RawRequester], None], str, int]] = {
         "nesting_depth",
         0xC000,
     ),
+    "an oversized instance": (
+        store_case(image(GOOD, rows=256, columns=512)),
+        "instance_size",
+        0xA700,
+    ),
     "a universal match on PatientID": (
         find_case(query("PATIENT", PatientID="*"), 7),
         "universal_match",

@@ -410,6 +410,8 @@ class DataSetInspector(Visitor):
             return VALUE
         if tag in _PIXEL_DATA_TAGS:
             self._pixel_length(tag, length)
+            if depth == 0:
+                self._declared_size(length)
         elif is_overlay_group(group) and tag & 0xFFFF == OVERLAY_DATA:
             self._overlay_length(tag, length)
         if length > rules.max_value_bytes:
@@ -537,6 +539,21 @@ class DataSetInspector(Visitor):
         )
         if problem:
             self._report("pixel_data_length", f"{tag_text(tag)}: {problem}")
+
+    def _declared_size(self, length: int) -> None:
+        """An instance whose Pixel Data alone would take it past ``max_instance_bytes`` is
+        refused from the element's header, before anything of it is forwarded (else the size
+        check fires only once the bytes have arrived, and by then the message streams: an
+        abort instead of an answer). Deflated data sets are measured as they arrive."""
+        limit = self._rules.max_instance_bytes
+        walker = self._walker
+        if (
+            self._instance
+            and limit is not None
+            and not walker.deflated
+            and walker.position + length > limit
+        ):
+            self._report("instance_size", f"the Pixel Data alone takes it past {limit} bytes")
 
     def _overlay_length(self, tag: int, length: int) -> None:
         image = self._images[-1]

@@ -225,6 +225,15 @@ class Walker:
             )
 
     @property
+    def position(self) -> int:
+        """Where the walk is in the data set (as decoded: inflated, for a deflated one)."""
+        return self._offset
+
+    @property
+    def deflated(self) -> bool:
+        return self._inflater is not None
+
+    @property
     def little(self) -> bool:
         """Whether the values being walked are little endian."""
         return self._encodings[-1] != EXPLICIT_BE
