@@ -42,6 +42,7 @@ from tests.corehelpers import (
     p_data,
     release_rp,
     release_rq,
+    rj_pdu,
 )
 from tests.test_core_hardening import FIND_REQUEST, refused_unknown
 from tests.test_core_session import (
@@ -155,7 +156,10 @@ def honest_ac(proposed: bytes) -> bytes:
     first transfer syntax proposed (decoded by pynetdicom, not by the code under test)."""
     if not proposed:
         return PACS_AC  # never sent upstream: whatever the upstream says is dropped
-    rq = decoded_rq(proposed)
+    try:
+        rq = decoded_rq(proposed)
+    except Exception:  # an upstream that cannot read the request says so, honestly
+        return rj_pdu(1, 1, 1)
     results = [(c.context_id, 0, c.transfer_syntax[0]) for c in rq.presentation_context]
     return associate_ac(rq.calling_ae_title, rq.called_ae_title, results)
 

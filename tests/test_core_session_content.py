@@ -179,9 +179,10 @@ def test_a_check_listed_for_monitoring_only_reports() -> None:
 
 
 def test_a_violation_after_forwarding_began_aborts_both_sides_before_the_end_goes_out() -> None:
-    rules = ContentRules(max_instance_bytes=3000)
-    session = content_session(ContentPolicy(rules, hold_bytes=1024))
-    pdus = store_pdus(image(pixels=4096), piece=512)
+    session = content_session(ContentPolicy(ContentRules(), hold_bytes=1024))
+    # an element after the Pixel Data that belongs before it: found only at the very end
+    late = image(pixels=4096) + b"\x08\x00\x20\x00DA\x08\x0020261206"
+    pdus = store_pdus(late, piece=512)
     commands = feed(session, REQUESTER, pdus)
     upstream = sent(commands, UPSTREAM)
     assert upstream.startswith(b"".join(pdus[:3]))  # the header passed: it went up
@@ -190,7 +191,7 @@ def test_a_violation_after_forwarding_began_aborts_both_sides_before_the_end_goe
     end = commands[-1]
     assert isinstance(end, AssociationEnded) and end.why == "content_violation"
     [event] = [c for c in commands if isinstance(c, ContentRefused)]
-    assert (event.check, event.action) == ("instance_size", "aborted")
+    assert (event.check, event.action) == ("element_order", "aborted")
     assert session.state is State.CLOSED
 
 
@@ -282,3 +283,10 @@ def test_without_content_rules_nothing_is_held() -> None:
     pdus = store_pdus(image(instance="1.2.3.4"))  # mismatched, but nobody looks
     assert sent(feed(session, REQUESTER, pdus[:1]), UPSTREAM) == pdus[0]  # the command at once
     assert STUDY_FIND  # (the FIND context exists on this association)
+
+
+def test_an_instance_too_large_by_its_declared_pixel_data_is_refused_before_anything_goes() -> None:
+    session = content_session(ContentPolicy(ContentRules(max_instance_bytes=3000)))
+    commands = feed(session, REQUESTER, store_pdus(image(pixels=4096), piece=512))
+    assert sent(commands, UPSTREAM) == b""
+    assert response_status(sent(commands, REQUESTER))[1:] == (0xA700, "dicomfw: instance_size")

@@ -33,6 +33,18 @@ ITEM_TRANSFER_SYNTAX: Final = 0x40
 ITEM_USER_INFORMATION: Final = 0x50
 SUBITEM_MAXIMUM_LENGTH: Final = 0x51
 PC_NO_REASON: Final = 2  # presentation context result "no-reason (provider rejection)"
+_SUBITEM_IMPLEMENTATION_CLASS_UID: Final = 0x52
+_SUBITEM_IMPLEMENTATION_VERSION_NAME: Final = 0x55
+_READ_SUBITEMS: Final = frozenset(
+    (
+        SUBITEM_MAXIMUM_LENGTH,
+        _SUBITEM_IMPLEMENTATION_CLASS_UID,
+        _SUBITEM_IMPLEMENTATION_VERSION_NAME,
+    )
+)
+#: An Implementation Version Name is 1-16 characters of the default repertoire (PS3.7 D.3.3.2.2,
+#: SH): ``bytes.translate`` deletes these and leaves whatever else there is.
+_VERSION_NAME_BYTES: Final = bytes(byte for byte in range(0x20, 0x7F) if byte != 0x5C)
 
 _ITEM_HEADER: Final = struct.Struct(">BxH")
 _FIXED: Final = struct.Struct(">HH16s16s32s")  # version, reserved, called, calling, reserved
@@ -125,13 +137,35 @@ def encode_ae_title(title: str) -> bytes:
     return title.encode("ascii").ljust(16, b" ")
 
 
-def _max_length(data: bytes, start: int, end: int) -> int | None:
+def _user_information(data: bytes, start: int, end: int) -> int | None:
+    """The Maximum Length a User Information item announces. The sub-items both sides read
+    (PS3.7 D.3.3.1-D.3.3.2: Maximum Length, Implementation Class UID, Implementation Version
+    Name) must each come at most once and be well-formed: a repeated one is read as its first
+    copy by one implementation and its last by another, and a malformed one makes the peer
+    behind the firewall abort what the firewall let through."""
+    max_length = None
+    seen: set[int] = set()
     for sub_type, value_start, value_end in _items(data, start, end):
+        if sub_type in _READ_SUBITEMS:
+            if sub_type in seen:
+                raise RemoteProtocolError(
+                    f"User Information sub-item 0x{sub_type:02x} repeated", ABORT_INVALID_PARAMETER
+                )
+            seen.add(sub_type)
         if sub_type == SUBITEM_MAXIMUM_LENGTH:
             if value_end - value_start != 4:
                 raise RemoteProtocolError("bad Maximum Length sub-item", ABORT_INVALID_PARAMETER)
-            return int(struct.unpack_from(">L", data, value_start)[0])
-    return None
+            max_length = int(struct.unpack_from(">L", data, value_start)[0])
+        elif sub_type == _SUBITEM_IMPLEMENTATION_CLASS_UID:
+            _uid(data, value_start, value_end)
+        elif sub_type == _SUBITEM_IMPLEMENTATION_VERSION_NAME:
+            name = data[value_start:value_end]
+            if len(name) > 16 or name.translate(None, _VERSION_NAME_BYTES):
+                raise RemoteProtocolError(
+                    "Implementation Version Name longer than 16 characters or not printable",
+                    ABORT_INVALID_PARAMETER,
+                )
+    return max_length
 
 
 def _check_pdu(pdu: bytes, expected_type: int) -> None:
@@ -152,6 +186,8 @@ def decode_rq(pdu: bytes) -> AssociateRQ:
     for item_type, start, end in _items(pdu, HEADER_SIZE + _FIXED_SIZE, len(pdu)):
         raw = pdu[start - 4 : end]
         if item_type == ITEM_APPLICATION_CONTEXT:
+            if app_context:
+                raise RemoteProtocolError("Application Context item repeated", 6)
             app_context = raw
         elif item_type == ITEM_PRESENTATION_CONTEXT_RQ:
             context = _decode_proposed(pdu, start, end, raw)
@@ -163,8 +199,10 @@ def decode_rq(pdu: bytes) -> AssociateRQ:
             seen_ids.add(context.context_id)
             contexts.append(context)
         elif item_type == ITEM_USER_INFORMATION:
+            if user_info:
+                raise RemoteProtocolError("User Information item repeated", 6)
             user_info = raw
-            max_length = _max_length(pdu, start, end)
+            max_length = _user_information(pdu, start, end)
         else:
             other.append(raw)
     if not app_context:
@@ -234,7 +272,7 @@ def decode_ac(pdu: bytes) -> AssociateAC:
             contexts.append(AcceptedContext(pdu[start], pdu[start + 2], transfer))
         elif item_type == ITEM_USER_INFORMATION:
             user_info = pdu[start - 4 : end]
-            max_length = _max_length(pdu, start, end)
+            max_length = _user_information(pdu, start, end)
     return AssociateAC(
         version,
         app_context,
