@@ -103,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         def storescu(directory: str) -> Workload:
             base = [STORESCU, "-aet", CALLING_AE, "-aec", CALLED_AE, LOCALHOST]
-            return lambda port: run_timed([*base, str(port), "+sd", str(work / directory)], 900)
+            return lambda port: run_timed(
+                [*base, str(port), "+sd", str(work / directory)], 900, DCMTK_ENV
+            )
 
         def one_image_associations(port: int) -> float:
             command = [PYTHON, str(BENCH / "lean_client.py"), "assoc", "--count",
