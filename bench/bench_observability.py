@@ -40,7 +40,7 @@ from procs import (
     DCMTK_ENV,
     Service,
     free_port,
-    live_threads_cpu_seconds,
+    paired_rounds,
     run_timed,
     service_starter,
     thread_cpu_seconds,
@@ -148,15 +148,7 @@ def end_to_end(
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, run in workloads.items():
-        for daemon in daemons.values():
-            run(daemon.port)  # warm up
-        results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
-        for round_number in range(rounds):
-            for which in ("off", "on") if round_number % 2 == 0 else ("on", "off"):
-                daemon = daemons[which]
-                cpu = live_threads_cpu_seconds(daemon.pid)
-                seconds = run(daemon.port)
-                results[which].append((seconds, live_threads_cpu_seconds(daemon.pid) - cpu))
+        results = paired_rounds(daemons, run, rounds)
         cells, ratios = [], []
         for index in (0, 1):  # wall, CPU
             medians = {}

@@ -25,7 +25,7 @@ from pathlib import Path
 import fixtures
 from bench_observability import BENCH, PYTHON, STORESCP, STORESCU, Workload
 from fixtures import CALLED_AE, CALLING_AE, LOCALHOST
-from procs import DCMTK_ENV, Service, free_port, live_threads_cpu_seconds, run_timed
+from procs import DCMTK_ENV, Service, free_port, paired_rounds, run_timed
 
 #: What ``on`` adds to the rules: every route validates data sets with the default checks.
 VALIDATION = "validation: {max_instance_bytes: 2147483648}\n"
@@ -35,15 +35,7 @@ def paired(
     daemons: dict[str, Service], name: str, run: Workload, rounds: int, gigabytes: float
 ) -> str:
     """One table row: wall and daemon CPU off vs on, medians of paired rounds."""
-    for daemon in daemons.values():
-        run(daemon.port)  # warm up
-    results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
-    for round_number in range(rounds):
-        for which in ("off", "on") if round_number % 2 == 0 else ("on", "off"):
-            daemon = daemons[which]
-            cpu = live_threads_cpu_seconds(daemon.pid)
-            seconds = run(daemon.port)
-            results[which].append((seconds, live_threads_cpu_seconds(daemon.pid) - cpu))
+    results = paired_rounds(daemons, run, rounds)
     median = {
         which: (
             statistics.median(r[0] for r in rows),

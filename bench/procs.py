@@ -204,6 +204,24 @@ def run_timed(argv: list[str], timeout: float, env: dict[str, str] | None = None
     return seconds
 
 
+def paired_rounds(
+    daemons: dict[str, Service], run: Callable[[int], float], rounds: int
+) -> dict[str, list[tuple[float, float]]]:
+    """(wall seconds, daemon CPU seconds) of each round against the daemons ``off`` and ``on``,
+    after one warm-up run each; the order alternates from round to round so that neither one
+    always runs on the machine the other just warmed."""
+    for daemon in daemons.values():
+        run(daemon.port)
+    results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    for round_number in range(rounds):
+        for which in ("off", "on") if round_number % 2 == 0 else ("on", "off"):
+            daemon = daemons[which]
+            cpu = live_threads_cpu_seconds(daemon.pid)
+            seconds = run(daemon.port)
+            results[which].append((seconds, live_threads_cpu_seconds(daemon.pid) - cpu))
+    return results
+
+
 def system_busy_seconds() -> float:
     """CPU seconds the whole machine spent in user/nice/system mode since boot (/proc/stat)."""
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
