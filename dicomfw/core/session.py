@@ -978,12 +978,7 @@ class Session:
         commands: list[Command] = []
         if forwarded:
             commands.append(Send(side.other, forwarded))
-        if self._replies:
-            commands.append(Send(Side.REQUESTER, self._replies))
-            self._replies = []
-        if self._upstream_replies:
-            commands.append(Send(Side.UPSTREAM, self._upstream_replies))
-            self._upstream_replies = []
+        commands += self._take_replies()
         commands += self._events
         self._events = []
         if stream.control_pdus:
@@ -1276,6 +1271,17 @@ class Session:
         assert stream is not None
         return stream
 
+    def _take_replies(self) -> list[Command]:
+        """The answers the firewall itself wrote while handling an input, to be sent now."""
+        commands: list[Command] = []
+        if self._replies:
+            commands.append(Send(Side.REQUESTER, self._replies))
+            self._replies = []
+        if self._upstream_replies:
+            commands.append(Send(Side.UPSTREAM, self._upstream_replies))
+            self._upstream_replies = []
+        return commands
+
     def _passed(self, side: Side, hold: _Hold) -> None:
         """A held message goes on its way: a request is counted, a final response completes."""
         if side is Side.REQUESTER and not hold.command.is_response:
@@ -1374,12 +1380,7 @@ class Session:
         except _CutOff as cut:
             reason = pdu.ABORT_REASON_NOT_SPECIFIED
             return commands + self._end_feed(Side.REQUESTER, reason, "too_many_refusals", str(cut))
-        if self._replies:
-            commands.append(Send(Side.REQUESTER, self._replies))
-            self._replies = []
-        if self._upstream_replies:
-            commands.append(Send(Side.UPSTREAM, self._upstream_replies))
-            self._upstream_replies = []
+        commands += self._take_replies()
         events, self._events = self._events, []
         return commands + events + self._flow()
 
