@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
-from typing import Any
+from typing import Any, Self
 
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode
 
+from tests.corehelpers import (
+    associate_ac,
+    c_find_rsp,
+    c_get_rsp,
+    c_store_rq,
+    decoded_rq,
+)
 from tests.harness import WAIT
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -133,6 +141,7 @@ class Answer:
 
     command: Dataset
     data_set: bytes
+    context_id: int = 0
 
     @property
     def status(self) -> int:
@@ -143,56 +152,69 @@ class Answer:
         return str(self.command.get("ErrorComment", ""))
 
 
-class RawRequester:
-    """An established association over a plain socket: exact PDUs out, answers decoded back."""
+def message_pdus(
+    context_id: int, command: bytes, data_set: bytes | None, piece: int = 16_000
+) -> bytes:
+    """A DIMSE message as P-DATA-TF PDUs: its command, then its data set in ``piece`` bytes."""
+    pdus = [_p_data(context_id, 0x03, command)]
+    if data_set is not None:
+        chunks = [data_set[i : i + piece] for i in range(0, len(data_set), piece)] or [b""]
+        pdus += [
+            _p_data(context_id, 0x02 if n == len(chunks) - 1 else 0x00, chunk)
+            for n, chunk in enumerate(chunks)
+        ]
+    return b"".join(pdus)
 
-    def __init__(self, port: int, rq: bytes) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), WAIT)
+
+class RawPeer:
+    """One side of an established association over a plain socket: exact PDUs out, messages
+    read back as pydicom decodes their command sets."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
         self.sock.settimeout(WAIT)
-        self.sock.sendall(rq)
-        pdu_type, body = self.read_pdu()
-        assert pdu_type == 0x02, f"expected an A-ASSOCIATE-AC, got PDU type {pdu_type}: {body!r}"
-        self.accepted = _accepted_contexts(body)
 
     def read_pdu(self) -> tuple[int, bytes]:
         header = self.sock.recv(6, socket.MSG_WAITALL)
         if len(header) < 6:
-            raise ConnectionError("the firewall closed the connection")
+            raise ConnectionError("the peer closed the connection")
         length = int.from_bytes(header[2:], "big")
         return header[0], self.sock.recv(length, socket.MSG_WAITALL) if length else b""
 
     def send(
         self, context_id: int, command: bytes, data_set: bytes | None, piece: int = 16_000
     ) -> None:
-        pdus = [_p_data(context_id, 0x03, command)]
-        if data_set is not None:
-            chunks = [data_set[i : i + piece] for i in range(0, len(data_set), piece)] or [b""]
-            pdus += [
-                _p_data(context_id, 0x02 if n == len(chunks) - 1 else 0x00, chunk)
-                for n, chunk in enumerate(chunks)
-            ]
-        self.sock.sendall(b"".join(pdus))
+        self.sock.sendall(message_pdus(context_id, command, data_set, piece))
 
     def answer(self) -> Answer:
-        """The next message toward us (a response, with its data set if it has one)."""
+        """The next message toward us (a response, or a request of the other side), with its
+        data set if it has one."""
+        message = self.next_message()
+        if message is None:
+            raise ConnectionError("the peer asked to release the association")
+        return message
+
+    def next_message(self) -> Answer | None:
+        """``answer()``, or None when the other side asks to release (it gets its A-RELEASE-RP)."""
         command, data = bytearray(), bytearray()
-        need_data = False
         while True:
             pdu_type, body = self.read_pdu()
+            if pdu_type == 0x05:
+                self.sock.sendall(bytes((0x06, 0, 0, 0, 0, 4, 0, 0, 0, 0)))
+                return None
             if pdu_type != 0x04:
                 raise ConnectionError(f"PDU type {pdu_type} instead of a P-DATA-TF: {body!r}")
-            for control, fragment in _pdvs(body):
+            for context_id, control, fragment in _pdvs(body):
                 if control & 0x01:
                     command += fragment
                     if control & 0x02:
                         parsed = decode(BytesIO(bytes(command)), True, True)
-                        need_data = parsed.CommandDataSetType != 0x0101
-                        if not need_data:
-                            return Answer(parsed, b"")
+                        if parsed.CommandDataSetType == 0x0101:
+                            return Answer(parsed, b"", context_id)
                 else:
                     data += fragment
                     if control & 0x02:
-                        return Answer(parsed, bytes(data))
+                        return Answer(parsed, bytes(data), context_id)
 
     def close(self) -> None:
         try:
@@ -202,11 +224,90 @@ class RawRequester:
             pass
         self.sock.close()
 
-    def __enter__(self) -> RawRequester:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: Any) -> None:
         self.close()
+
+
+class RawRequester(RawPeer):
+    """A raw peer that opens the association: ``rq`` out, the A-ASSOCIATE-AC expected back."""
+
+    def __init__(self, port: int, rq: bytes) -> None:
+        super().__init__(socket.create_connection(("127.0.0.1", port), WAIT))
+        self.sock.sendall(rq)
+        pdu_type, body = self.read_pdu()
+        assert pdu_type == 0x02, f"expected an A-ASSOCIATE-AC, got PDU type {pdu_type}: {body!r}"
+        self.accepted = _accepted_contexts(body)
+
+
+class ScriptedUpstream:
+    """A malicious PACS on loopback for one association. It accepts every proposed context;
+    it answers the n-th C-GET-RQ with the n-th list of ``gets`` as sub-operations (context ID,
+    SOP class, the SOP instance its command names, data set), one C-STORE-RQ at a time, and
+    records the status of each response; the n-th C-FIND-RQ with the n-th list of ``finds``
+    as pending identifiers; and each with a final success."""
+
+    def __init__(
+        self, gets: list[list[tuple[int, str, str, bytes]]], finds: list[list[bytes]]
+    ) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(WAIT)
+        self.port: int = self.server.getsockname()[1]
+        self._gets, self._finds = list(gets), list(finds)
+        self.store_statuses: list[int] = []  # of the sub-operations' responses, in order
+        self.cancelled: list[int] = []  # message IDs of the C-CANCEL-RQs it got
+        self._failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._serve, name="scripted-upstream", daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self._thread.join(WAIT)
+        self.server.close()
+        assert not self._thread.is_alive(), "the scripted upstream did not finish"
+        if self._failure:
+            raise self._failure[0]
+
+    def _serve(self) -> None:
+        try:
+            sock, _ = self.server.accept()
+            peer = RawPeer(sock)
+            pdu_type, body = peer.read_pdu()
+            assert pdu_type == 0x01, f"expected an A-ASSOCIATE-RQ, got PDU type {pdu_type}"
+            rq = decoded_rq(struct.pack(">BxL", 0x01, len(body)) + body)
+            results = [(c.context_id, 0, c.transfer_syntax[0]) for c in rq.presentation_context]
+            sock.sendall(associate_ac(rq.calling_ae_title, rq.called_ae_title, results))
+            while (message := peer.next_message()) is not None:
+                self._answer(peer, message)
+            sock.close()
+        except BaseException as error:  # handed to the test thread in __exit__
+            self._failure.append(error)
+
+    def _answer(self, peer: RawPeer, message: Answer) -> None:
+        command, context_id = message.command, message.context_id
+        field, sop_class = int(command.CommandField), str(command.get("AffectedSOPClassUID", ""))
+        if field == 0x0FFF:  # C-CANCEL-RQ
+            self.cancelled.append(int(command.MessageIDBeingRespondedTo))
+        elif field == 0x0010:  # C-GET-RQ
+            for number, (store_context, store_class, instance, data) in enumerate(
+                self._gets.pop(0), 1
+            ):
+                peer.send(store_context, c_store_rq(100 + number, store_class, instance), data)
+                response = peer.answer()
+                assert int(response.command.CommandField) == 0x8001, response.command
+                self.store_statuses.append(int(response.command.Status))
+            peer.send(context_id, c_get_rsp(int(command.MessageID), 0x0000, sop_class), None)
+        elif field == 0x0020:  # C-FIND-RQ
+            message_id = int(command.MessageID)
+            for identifier in self._finds.pop(0):
+                peer.send(context_id, c_find_rsp(message_id, 0xFF00, sop_class), identifier)
+            peer.send(context_id, c_find_rsp(message_id, 0x0000, sop_class), None)
+        else:
+            raise AssertionError(f"the scripted upstream got command field {field:#06x}")
 
 
 def _p_data(context_id: int, control: int, fragment: bytes) -> bytes:
@@ -214,11 +315,11 @@ def _p_data(context_id: int, control: int, fragment: bytes) -> bytes:
     return struct.pack(">BxL", 0x04, len(pdv)) + pdv
 
 
-def _pdvs(body: bytes) -> list[tuple[int, bytes]]:
+def _pdvs(body: bytes) -> list[tuple[int, int, bytes]]:
     found, pos = [], 0
     while pos < len(body):
-        length, _, control = struct.unpack_from(">LBB", body, pos)
-        found.append((control, body[pos + 6 : pos + 4 + length]))
+        length, context_id, control = struct.unpack_from(">LBB", body, pos)
+        found.append((context_id, control, body[pos + 6 : pos + 4 + length]))
         pos += 4 + length
     return found
 

@@ -323,6 +323,23 @@ def c_move_rsp(message_id: int, status: int, sop_class: str = STUDY_MOVE) -> byt
     return _command_set(dimse_messages.C_MOVE_RSP(), primitive)
 
 
+def c_get_rq(message_id: int, sop_class: str) -> bytes:
+    primitive = dimse_primitives.C_GET()
+    primitive.MessageID = message_id
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.Priority = 0
+    primitive.Identifier = BytesIO(b"\x00")
+    return _command_set(dimse_messages.C_GET_RQ(), primitive)
+
+
+def c_get_rsp(message_id: int, status: int, sop_class: str) -> bytes:
+    primitive = dimse_primitives.C_GET()
+    primitive.MessageIDBeingRespondedTo = message_id
+    primitive.AffectedSOPClassUID = sop_class
+    primitive.Status = status
+    return _command_set(dimse_messages.C_GET_RSP(), primitive)
+
+
 def n_action_rq(message_id: int) -> bytes:
     """A Storage Commitment request (PS3.4 J.3.2): N-ACTION with Requested SOP Class/Instance."""
     primitive = dimse_primitives.N_ACTION()

@@ -155,8 +155,7 @@ def test_store_redis_without_the_redis_package_says_how_to_install_it(
 ) -> None:
     monkeypatch.setitem(sys.modules, "redis", None)  # what an install without the extra has
     assert load(tmp_path, "limits: {store: redis, redis: {url: redis://r}}") == [
-        "9: limits.store: store: redis needs the Python package redis: "
-        "pip install 'dicomfw[redis]'"
+        "9: limits.store: store: redis needs the Python package redis: pip install 'dicomfw[redis]'"
     ]
 
 

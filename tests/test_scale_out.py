@@ -150,11 +150,13 @@ def test_a_per_peer_c_find_rate_holds_in_total(site: Site) -> None:
         released([one, two])
     assert statuses == [0x0000] * 4 + [0xA700] * 2  # C-FIND: 4 a minute, refuse
     wait_until(
-        lambda: [
-            i.metric("dicomfw_refusals_total", stage="request", reason="request_rate_exceeded")
-            for i in site.instances
-        ]
-        == [1, 1],
+        lambda: (
+            [
+                i.metric("dicomfw_refusals_total", stage="request", reason="request_rate_exceeded")
+                for i in site.instances
+            ]
+            == [1, 1]
+        ),
         "one refusal counted on each instance",
     )
 
@@ -204,9 +206,7 @@ def test_redis_stopped_fail_open_serves_on_local_limits_and_shared_limits_resume
         assert instance.metric("dicomfw_limit_store_fallbacks_total", fail="open") >= 2
         assert instance.status("/ready") == 200  # fail: open keeps it in the balancer
     site.redis.start()  # empty, on the same port: no restart of dicomfw
-    wait_until(
-        lambda: all(i.metric(STORE_UP) == 1 for i in site.instances), "the store is back"
-    )
+    wait_until(lambda: all(i.metric(STORE_UP) == 1 for i in site.instances), "the store is back")
     for instance, offset in zip(site.instances, logs, strict=True):
         log = instance.log_text()[offset:]
         assert log.count("event=limit_store_down") == 1  # once per change, not per decision
