@@ -137,13 +137,14 @@ def established_shared(
 def test_a_request_with_a_shared_rate_is_held_until_the_store_lets_it_pass() -> None:
     session = established_shared(FIND_RATE)
     commands = session.receive(REQUESTER, find(1))
-    assert query_of(commands) == RequestQuery("modalities", "CT01", "C-FIND", True)
+    assert query_of(commands) == RequestQuery("modalities", "CT01", "C-FIND", True, 60, True)
     assert not any(isinstance(c, Send) for c in commands)  # nothing of it went up
     assert PauseReading(REQUESTER) in commands  # nor is anything after it read
     assert session.receive(REQUESTER, find(2)) == []
     passed = session.limits_answered(None)
     assert transcript(passed)[0] == Send(UPSTREAM, [find(1)])
-    assert query_of(passed) == RequestQuery("modalities", "CT01", "C-FIND", True)  # find 2
+    find_2 = RequestQuery("modalities", "CT01", "C-FIND", True, 60, True)
+    assert query_of(passed) == find_2
 
 
 def test_a_request_the_store_refuses_is_answered_by_the_firewall() -> None:
@@ -186,6 +187,6 @@ def test_without_the_store_the_instance_answers_from_its_own_counters() -> None:
     assert first.decide_locally(admit, clock.now) is None
     over = second.decide_locally(admit, clock.now)
     assert isinstance(over, Reject) and over.why == "peer_concurrency_exceeded"
-    ask = RequestQuery("modalities", "CT01", "C-FIND", True)
+    ask = RequestQuery("modalities", "CT01", "C-FIND", True, 60, True)
     answers = [gate.decide_locally(ask, clock.now) for _ in range(61)]
     assert answers[:60] == [None] * 60 and isinstance(answers[60], Delay)

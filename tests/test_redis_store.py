@@ -31,7 +31,6 @@ from dicomfw.core.ratelimit import (
     LimitRules,
     RateLimits,
     Refuse,
-    RequestQuery,
     TokenBucket,
     source_key,
 )
@@ -80,7 +79,8 @@ class Instance:
         return answer, gate
 
     async def request(self, gate: Gate, service: str = "C-FIND") -> Any:
-        query = RequestQuery("modalities", "CT01", service, True)
+        query = gate.shared_request(service, True)  # as the session asks
+        assert query is not None, f"no shared {service} rate"
         return await self.store.decide(query, gate)
 
 
@@ -330,3 +330,37 @@ async def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "the condition did not come true in time"
         await asyncio.sleep(0.05)
+
+
+def test_after_a_reload_an_open_association_keeps_the_request_rate_it_was_admitted_with(
+    tmp_path: Path,
+) -> None:
+    """As without a store: a reload from C-FIND 2 to 1000 a minute leaves an association
+    admitted before it at 2 (its third query refused), while one admitted after gets 1000."""
+    before, after = (
+        LimitRules(
+            RateLimits(requests_per_minute_per_peer={"C-FIND": rate}, request_limit_action="refuse")
+        )
+        for rate in (2, 1000)
+    )
+    in_force = [before]
+
+    async def main(server: RedisServer) -> None:
+        store = RedisLimitStore(settings(server), "fw0", lambda: in_force[0], Watcher())
+        await store.start()
+        try:
+            limiter = Limiter(shared=True)
+            _, admitted_before = await Instance(store, limiter, before, Watcher()).associate()
+            in_force[0] = after  # the reload
+            later = Instance(store, limiter, after, Watcher())
+            _, admitted_after = await later.associate(peer="CT02")
+            old = [await later.request(admitted_before) for _ in range(3)]
+            new = [await later.request(admitted_after) for _ in range(3)]
+        finally:
+            await store.close()
+        assert old[:2] == [None, None]
+        assert old[2] == Refuse(0xA700, "request_rate_exceeded", "C-FIND is over 2/minute per peer")
+        assert new == [None, None, None]
+
+    with running_redis(tmp_path) as server:
+        asyncio.run(main(server))

@@ -266,12 +266,16 @@ class AssociationQuery:
 @dataclass(frozen=True, slots=True)
 class RequestQuery:
     """For a shared limit store: may ``peer`` send a request of ``service`` now (its rate per
-    peer, over every instance)?"""
+    peer, over every instance)? ``per_minute`` and ``delay`` are the rate and action the
+    association was admitted with: a reload since then does not change them, as without a
+    store."""
 
     listener: str
     peer: str
     service: str
     enforce: bool
+    per_minute: int
+    delay: bool
 
 
 LimitQuery = AssociationQuery | RequestQuery
@@ -402,15 +406,17 @@ class Gate:
         """The peer it was admitted for (None before)."""
         return self._peer
 
-    def shared_request_rate(self, service: str) -> bool:
-        """Whether a request of ``service`` needs the shared store's answer (a per-peer rate
-        is set for it and the store is shared)."""
+    def shared_request(self, service: str, enforce: bool) -> RequestQuery | None:
+        """The shared store's question when a request of ``service`` needs its answer (the
+        store is shared and this association has a per-peer rate for the service)."""
         limits = self._limits
-        return (
-            self._limiter.shared
-            and limits is not None
-            and service in limits.requests_per_minute_per_peer
-        )
+        if not self._limiter.shared or limits is None:
+            return None
+        rate = limits.requests_per_minute_per_peer.get(service)
+        if rate is None:
+            return None
+        delay = limits.action == "delay"
+        return RequestQuery(self._listener, self._peer or "", service, enforce, rate, delay)
 
     def source(self, now: float) -> Reject | None:
         """Before the policy looks at an A-ASSOCIATE-RQ: the per-address association rate,

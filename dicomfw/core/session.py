@@ -66,7 +66,7 @@ from dicomfw.core.policy import (
     Reject,
     Route,
 )
-from dicomfw.core.ratelimit import AssociationQuery, Delay, Gate, LimitQuery, RequestQuery
+from dicomfw.core.ratelimit import AssociationQuery, Delay, Gate, LimitQuery
 from dicomfw.core.stream import FORWARD, HOLD, SWALLOW, Buffer, DataStream
 from dicomfw.errors import LocalProtocolError, RemoteProtocolError
 
@@ -1069,10 +1069,10 @@ class Session:
                 hold = _Hold(context_id, command, sop_class)
                 hold.delayed = True
                 self._events.append(Wakeup(metered.seconds))
-            if refusal is None and gate.shared_request_rate(service):
+            query = None if refusal is not None else gate.shared_request(service, not monitor)
+            if query is not None:
                 hold = hold or _Hold(context_id, command, sop_class)
                 hold.waiting = True
-                query = RequestQuery(self.listener, gate.peer or "", service, not monitor)
                 self._events.append(CheckLimits(query))
         if refusal is not None and monitor:
             stand_in = _Hold(context_id, command, sop_class)

@@ -222,12 +222,8 @@ class RedisLimitStore:
         return _over_limit(why, f"{who} has {number} of {cap} associations")
 
     async def _decide_request(self, query: RequestQuery, gate: Gate) -> Refuse | Delay | None:
-        limits = self._rules().effective(query.listener, query.peer)
-        rate = limits.requests_per_minute_per_peer.get(query.service)
-        if rate is None:
-            return None
         key = f"{self._prefix}rr:{query.service}:{query.peer}"
-        args = (rate, int(limits.action == "delay"), MAX_DELAY_SECONDS)
+        args = (query.per_minute, int(query.delay), MAX_DELAY_SECONDS)
         reply = await self._call(self._request, [key], args)
         if reply is None:
             self._count_fallback()
@@ -240,7 +236,7 @@ class RedisLimitStore:
         return Refuse(
             OUT_OF_RESOURCES.get(query.service, STATUS_RESOURCE_LIMITATION),
             "request_rate_exceeded",
-            f"{query.service} is over {rate}/minute per peer",
+            f"{query.service} is over {query.per_minute}/minute per peer",
         )
 
     def _fallback_association(self, query: AssociationQuery, gate: Gate) -> Reject | None:
