@@ -12,12 +12,13 @@ import os
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -362,32 +363,49 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def written(stream: IO[bytes], limit: int = 4000) -> str:
+    """The end of what a helper process wrote to ``stream`` (a file it was given as its stderr),
+    as text: the message of a test that failed because the helper did not start."""
+    stream.flush()
+    stream.seek(0)
+    text = stream.read().decode(errors="replace").strip()
+    return (text[-limit:] if len(text) > limit else text) or "(nothing on stderr)"
+
+
 @contextlib.contextmanager
 def running_process(*command: str | Path, ready_port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process and wait (bounded) until ``ready_port`` accepts connections."""
-    process = subprocess.Popen(
-        [str(part) for part in command],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "TCP_NODELAY": "1"},
-    )
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            with contextlib.suppress(OSError):
-                socket.create_connection(("127.0.0.1", ready_port), 0.2).close()
-                break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{command[0]} did not start: {process.stderr!r}")
-            time.sleep(0.05)
-        yield process
-    finally:
-        process.terminate()
+    """Start a server process and wait (bounded) until ``ready_port`` accepts connections.
+
+    Its stderr goes to a temporary file rather than a pipe: nobody reads a pipe while the
+    server runs, and a chatty server would block once the pipe is full. When it does not
+    start, the error shows what it wrote there."""
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(
+            [str(part) for part in command],
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+            env={**os.environ, "TCP_NODELAY": "1"},
+        )
         try:
-            process.wait(WAIT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(WAIT)
+            deadline = time.monotonic() + WAIT
+            while True:
+                with contextlib.suppress(OSError):
+                    socket.create_connection(("127.0.0.1", ready_port), 0.2).close()
+                    break
+                exited = process.poll()
+                if exited is not None or time.monotonic() > deadline:
+                    status = f"exit status {exited}" if exited is not None else "timed out"
+                    output = written(errors)
+                    raise AssertionError(f"{command[0]} did not start ({status}): {output}")
+                time.sleep(0.05)
+            yield process
+        finally:
+            process.terminate()
+            try:
+                process.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(WAIT)
 
 
 # ---- rules files ----------------------------------------------------------------------------
