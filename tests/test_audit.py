@@ -173,7 +173,7 @@ def _echo_associations(port: int, count: int) -> float:
     return time.perf_counter() - started
 
 
-def test_a_blocked_audit_sink_does_not_slow_the_relay_and_its_drops_are_counted(
+def test_a_blocked_audit_sink_does_not_slow_the_relay_and_its_drops_are_counted_as_lost(
     tmp_path: Path, pki: Pki
 ) -> None:
     count = 40
@@ -196,8 +196,10 @@ def test_a_blocked_audit_sink_does_not_slow_the_relay_and_its_drops_are_counted(
                 timings[name] = _echo_associations(fw.port("front"), count)
                 time.sleep(0.2)
                 assert obs.server is not None and obs.audit is not None
-                dropped = value(scrape(obs.server.port), "dicomfw_audit_events_dropped_total")
-                counted = sum(sink.dropped for sink in obs.audit.sinks)
+                dropped = value(
+                    scrape(obs.server.port), "dicomfw_audit_events_lost_total", cause="queue_full"
+                )
+                counted = sum(sink.lost["queue_full"] for sink in obs.audit.sinks)
                 if name == "blocked":
                     os.close(reader)  # unblocks the writer (EPIPE), so the close is quick
             assert dropped == counted

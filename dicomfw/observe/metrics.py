@@ -221,16 +221,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
-        self.audit_dropped = Counter(
-            "dicomfw_audit_events_dropped_total",
-            "Audit events dropped because the sink's queue was full.",
-            ["sink"],
-            registry=r,
-        )
-        self.audit_errors = Counter(
-            "dicomfw_audit_write_errors_total",
-            "Audit writes or sends that failed (events lost).",
-            ["sink"],
+        self.audit_lost = Counter(
+            "dicomfw_audit_events_lost_total",
+            "Audit records a sink (file, atna) did not deliver, by cause: queue_full (dropped: "
+            "the sink was queue_size records behind), write_error (the write failed: disk "
+            "full, file gone, connection broken), collector_unreachable (ATNA: no connection).",
+            ["sink", "cause"],
             registry=r,
         )
         self.loop_lag = Histogram(
@@ -357,9 +353,15 @@ class Metrics:
     def limit_store_fallback(self, fail: str) -> None:
         self._child(self.limit_store_fallbacks, "redis", fail).inc()
 
-    def audit_counters(self, sink: str) -> tuple[Callable[[], None], Callable[[], None]]:
-        """(count a dropped event, count a failed write) for the audit sink called ``sink``."""
-        return self.audit_dropped.labels(sink).inc, self.audit_errors.labels(sink).inc
+    def audit_losses(self, sink: str, causes: Iterable[str]) -> Callable[[str, int], None]:
+        """What counts the records the audit sink called ``sink`` loses, by cause (called on
+        the sink's thread, or the relay's for a full queue); its series exist from now, at 0."""
+        children = {cause: self.audit_lost.labels(sink, cause) for cause in causes}
+
+        def lost(cause: str, count: int) -> None:
+            children[cause].inc(count)
+
+        return lost
 
     # ---- the observer -------------------------------------------------------------------------
 
