@@ -12,7 +12,6 @@ import os
 import socket
 import ssl
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -368,44 +367,57 @@ def written(stream: IO[bytes], limit: int = 4000) -> str:
     as text: the message of a test that failed because the helper did not start."""
     stream.flush()
     stream.seek(0)
-    text = stream.read().decode(errors="replace").strip()
+    return _tail(stream.read(), limit)
+
+
+def _tail(output: bytes | None, limit: int = 4000) -> str:
+    text = (output or b"").decode(errors="replace").strip()
     return (text[-limit:] if len(text) > limit else text) or "(nothing on stderr)"
+
+
+def stderr_text(process: subprocess.Popen[bytes]) -> str:
+    """What a helper process started with ``stderr=PIPE`` wrote there, once it has stopped (it
+    is killed first if it still runs, so the read ends)."""
+    if process.poll() is None:
+        process.kill()
+    try:
+        _, errors = process.communicate(timeout=2)
+    except (subprocess.TimeoutExpired, ValueError):  # a grandchild holds it; read already
+        return "(stderr could not be read)"
+    return _tail(errors)
 
 
 @contextlib.contextmanager
 def running_process(*command: str | Path, ready_port: int) -> Iterator[subprocess.Popen[bytes]]:
     """Start a server process and wait (bounded) until ``ready_port`` accepts connections.
-
-    Its stderr goes to a temporary file rather than a pipe: nobody reads a pipe while the
-    server runs, and a chatty server would block once the pipe is full. When it does not
-    start, the error shows what it wrote there."""
-    with tempfile.TemporaryFile() as errors:
-        process = subprocess.Popen(
-            [str(part) for part in command],
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-            env={**os.environ, "TCP_NODELAY": "1"},
-        )
+    Its stderr is a pipe the caller may read once it has stopped it; when it does not start,
+    the error shows what it wrote there."""
+    process = subprocess.Popen(
+        [str(part) for part in command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TCP_NODELAY": "1"},
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", ready_port), 0.2).close()
+                break
+            exited = process.poll()
+            if exited is not None or time.monotonic() > deadline:
+                status = f"exit status {exited}" if exited is not None else "timed out"
+                output = stderr_text(process)
+                raise AssertionError(f"{command[0]} did not start ({status}): {output}")
+            time.sleep(0.05)
+        yield process
+    finally:
+        process.terminate()
         try:
-            deadline = time.monotonic() + WAIT
-            while True:
-                with contextlib.suppress(OSError):
-                    socket.create_connection(("127.0.0.1", ready_port), 0.2).close()
-                    break
-                exited = process.poll()
-                if exited is not None or time.monotonic() > deadline:
-                    status = f"exit status {exited}" if exited is not None else "timed out"
-                    output = written(errors)
-                    raise AssertionError(f"{command[0]} did not start ({status}): {output}")
-                time.sleep(0.05)
-            yield process
-        finally:
-            process.terminate()
-            try:
-                process.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(WAIT)
+            process.wait(WAIT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(WAIT)
 
 
 # ---- rules files ----------------------------------------------------------------------------
