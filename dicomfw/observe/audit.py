@@ -65,6 +65,23 @@ _BATCH: Final = 512  # records written per write()+flush() at most
 _INTERVAL_SECONDS: Final = 0.05
 
 
+#: Every record's ``outcome``, by its ``event``: how the association ended; what the firewall
+#: did (a rejection, a refusal; for content, whether it answered a request, replaced a response
+#: or aborted the association); a request the upstream failed; what monitor mode let pass.
+#: ``docs/audit.schema.json`` is the schema of every record.
+OUTCOMES: Final = {
+    "application_start": ("started",),
+    "application_stop": ("stopped",),
+    "association": ("released", "aborted", "closed"),
+    "association_rejected": ("rejected",),
+    "connection_refused": ("refused",),
+    "request_refused": ("refused",),
+    "request_failed": ("failed",),
+    "content_refused": ("refused", "replaced", "aborted"),
+    "would_refuse": ("would_refuse",),
+}
+
+
 def timestamp(seconds: float) -> str:
     """RFC 3339 / xsd:dateTime in UTC with milliseconds, e.g. 2025-01-31T09:30:00.125Z."""
     moment = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
@@ -313,6 +330,7 @@ class AuditTrail:
         self._submit(
             {
                 "event": f"application_{what}",
+                "outcome": "started" if what == "start" else "stopped",
                 "time": timestamp(time.time()),
                 "pid": self._pid,
                 "config": str(config_path),
@@ -384,7 +402,7 @@ class AuditTrail:
                 self._association_record(info, event)
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
-            record = _who(self._pid, info, "association_rejected")
+            record = _who(self._pid, info, "association_rejected", "rejected")
             record.update(
                 calling_ae=event.calling_ae,
                 called_ae=event.called_ae,
@@ -402,7 +420,7 @@ class AuditTrail:
                 row = facts.row(event.service, event.sop_class)
                 row[_INDEX["requests"]] += event.count
                 row[_INDEX["refused"]] += event.count
-            record = _who(self._pid, info, "content_refused")
+            record = _who(self._pid, info, "content_refused", event.action)
             record.update(
                 calling_ae=info.calling_ae,
                 called_ae=info.called_ae,
@@ -422,7 +440,7 @@ class AuditTrail:
             self._submit(record)
         elif kind is WouldRefuse:
             assert isinstance(event, WouldRefuse)
-            record = _who(self._pid, info, "would_refuse")
+            record = _who(self._pid, info, "would_refuse", "would_refuse")
             record.update(
                 calling_ae=info.calling_ae,
                 called_ae=info.called_ae,
@@ -439,7 +457,7 @@ class AuditTrail:
             self._submit(record)
         elif kind is Refused:
             assert isinstance(event, Refused)
-            record = _who(self._pid, info, "connection_refused")
+            record = _who(self._pid, info, "connection_refused", "refused")
             presented = event.certificate
             record.update(
                 reason=event.why,
@@ -469,7 +487,7 @@ class AuditTrail:
         count: int = 1,
     ) -> None:
         """One request, or ``count`` alike reported together (a refusal flood, counted)."""
-        record = _who(self._pid, info, name)
+        record = _who(self._pid, info, name, "refused" if why else "failed")
         record.update(
             calling_ae=info.calling_ae,
             called_ae=info.called_ae,
@@ -489,13 +507,12 @@ class AuditTrail:
         facts = self._facts.pop(id(info), None)
         now = time.time()
         duration = time.monotonic() - info.started
-        record = _who(self._pid, info, "association")
+        record = _who(self._pid, info, "association", event.how)
         record.update(
             calling_ae=info.calling_ae,
             called_ae=info.called_ae,
             route=info.route,
             upstream=facts.upstream if facts is not None else None,
-            outcome=event.how,
             reason=event.why,
             detail=event.detail,
             start=timestamp(now - duration),
@@ -516,12 +533,13 @@ class AuditTrail:
         self._submit(record)
 
 
-def _who(pid: int, info: AssociationInfo, name: str) -> Record:
-    """The fields every record has: what happened, when, in which process (worker), on which
-    listener, from where."""
+def _who(pid: int, info: AssociationInfo, name: str, outcome: str) -> Record:
+    """The fields every record has: what happened and how it came out (``OUTCOMES``), when, in
+    which process (worker), on which listener, from where."""
     identity = info.identity
     return {
         "event": name,
+        "outcome": outcome,
         "time": timestamp(time.time()),
         "pid": pid,
         "listener": info.listener,
