@@ -17,13 +17,19 @@ from typing import Any
 import yaml
 
 from tests.harness import WAIT, Pki, free_port, running_process, running_scp
-from tests.obs_harness import drive_mix, mixed_rules, observed_firewall, wait_until
+from tests.obs_harness import (
+    ALERTS,
+    PROMTOOL,
+    REPO,
+    drive_mix,
+    mixed_rules,
+    observed_firewall,
+    wait_until,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "grafana" / "dicomfw-dashboard.json"
-ALERTS = REPO / "prometheus" / "dicomfw-alerts.yml"
 ALERT_TESTS = REPO / "prometheus" / "dicomfw-alerts.test.yml"
-PROMETHEUS, PROMTOOL = "/usr/bin/prometheus", "/usr/bin/promtool"
+PROMETHEUS = "/usr/bin/prometheus"
 
 #: Grafana's variables, as the test resolves them: every instance and listener, short windows.
 VARIABLES = {"__rate_interval": "1m", "__range": "5m", "instance": ".*", "listener": ".*"}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -45,6 +46,7 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 from dicomfw.config.model import Config, MetricsEndpoint
 from dicomfw.core.content import CHECKS
 from dicomfw.core.policy import MONITOR, VERIFICATION_SOP_CLASS, Route
+from dicomfw.core.ratelimit import Peaks
 from dicomfw.core.session import (
     ANSWER_CLASSES,
     AssociationAccepted,
@@ -143,6 +145,22 @@ SCAN_RESULTS: Final = ("clean", "found", "error", "skipped")
 CONTENT_SIDES: Final = ("requester", "upstream")
 CONTENT_ACTIONS: Final = ("refused", "replaced", "aborted")
 DIRECTIONS: Final = ("from_requester", "from_upstream")
+
+#: The keys of ``limits:`` that ``dicomfw_limit`` exports (by their rules-file names), the
+#: caps among them (those with a usage), and the request rates of ``dicomfw_request_limit``.
+LIMIT_KINDS: Final = (
+    "max_concurrent_total",
+    "max_concurrent_per_ip",
+    "max_concurrent_per_peer",
+    "max_pending_per_ip",
+    "associations_per_minute_per_ip",
+    "associations_per_minute_per_peer",
+)
+CAP_KINDS: Final = frozenset(LIMIT_KINDS[:4])
+REQUEST_LIMIT_KINDS: Final = (
+    "requests_per_minute_per_association",
+    "requests_per_minute_per_peer",
+)
 
 NONE: Final = "none"  # label value: no route (yet)
 UNKNOWN: Final = "unknown"  # label value: an AE title that is no configured peer
@@ -330,6 +348,37 @@ class Metrics:
             ["store", "fail"],
             registry=r,
         )
+        self.limits = Gauge(
+            "dicomfw_limit",
+            "The limits the rules file sets, by key (kind) and where it is set (scope: global "
+            "for limits:, listener:NAME, peer:AE): the concurrency caps max_concurrent_total, "
+            "max_concurrent_per_ip, max_concurrent_per_peer (open associations) and "
+            "max_pending_per_ip (connections not associated yet), and the association rates "
+            "associations_per_minute_per_ip, associations_per_minute_per_peer.",
+            ["kind", "scope"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.request_limits = Gauge(
+            "dicomfw_request_limit",
+            "The request rates the rules file sets, per minute, by key (kind: "
+            "requests_per_minute_per_association, requests_per_minute_per_peer), scope and "
+            "service.",
+            ["kind", "scope", "service"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.limit_usage = Gauge(
+            "dicomfw_limit_usage",
+            "What each concurrency cap of dicomfw_limit (same kind and scope) is compared with "
+            "now: max_concurrent_total, the associations open; max_concurrent_per_ip and "
+            "max_pending_per_ip, the most one address holds; max_concurrent_per_peer, the most "
+            "one peer holds (scope peer:AE: that peer). This process's counts (with workers, "
+            "the busiest worker's), sampled every second.",
+            ["kind", "scope"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         for result in ("success", "failure"):  # exported from the start, so increase() works
             self.reloads.labels(result)
         self.reload_ok.set(1)
@@ -341,6 +390,8 @@ class Metrics:
         self._file_series: dict[Gauge, set[tuple[str, str]]] = {}  # see ``_set_moments``
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see ``_child``
         self._instance = ""
+        self._caps: set[tuple[str, str]] = set()  # (kind, scope) of the caps in force
+        self._request_caps: set[tuple[str, str, str]] = set()
 
     # ---- configuration ------------------------------------------------------------------------
 
@@ -373,6 +424,63 @@ class Metrics:
             self.rules_info.labels(digest).set(1)
             self._rules_hash = digest
         self._set_certificates(config)
+        self._set_limits(config)
+
+    def _set_limits(self, config: Config) -> None:
+        """One ``dicomfw_limit`` (or ``dicomfw_request_limit``) series per limit the rules set,
+        and a ``dicomfw_limit_usage`` series per cap; those of limits a reload removed go.
+        (In multiprocess mode a removed series keeps the value last written: +Inf, "no
+        limit", rather than the old figure.)"""
+        rules = config.limits.rates
+        scopes = [
+            ("global", rules.default),
+            *((f"listener:{name}", limits) for name, limits in rules.listeners.items()),
+            *((f"peer:{ae}", limits) for ae, limits in rules.peers.items()),
+        ]
+        caps: dict[tuple[str, str], int] = {}
+        request_caps: dict[tuple[str, str, str], int] = {}
+        for scope, limits in scopes:
+            for kind in LIMIT_KINDS:
+                value = getattr(limits, kind)
+                if value is not None:
+                    caps[(kind, scope)] = value
+            for kind in REQUEST_LIMIT_KINDS:
+                for service, rate in getattr(limits, kind).items():
+                    request_caps[(kind, scope, service)] = rate
+        for key, value in caps.items():
+            self.limits.labels(*key).set(value)
+            if key[0] in CAP_KINDS and key not in self._caps:
+                self.limit_usage.labels(*key).set(0)
+        for key in self._caps - caps.keys():
+            self.limits.labels(*key).set(math.inf)
+            self.limits.remove(*key)
+            if key[0] in CAP_KINDS:
+                self.limit_usage.labels(*key).set(0)
+                self.limit_usage.remove(*key)
+                self._children.pop((self.limit_usage, key), None)
+        for request_key, rate in request_caps.items():
+            self.request_limits.labels(*request_key).set(rate)
+        for request_key in self._request_caps - request_caps.keys():
+            self.request_limits.labels(*request_key).set(math.inf)
+            self.request_limits.remove(*request_key)
+        self._caps, self._request_caps = set(caps), set(request_caps)
+
+    def sample_limits(self, peaks: Peaks) -> None:
+        """(Every second, from ``Sampler``) Each cap's count now, from the relay's limiter."""
+        for kind, scope in self._caps:
+            if kind == "max_concurrent_total":
+                used = peaks.total
+            elif kind == "max_concurrent_per_ip":
+                used = peaks.per_ip
+            elif kind == "max_pending_per_ip":
+                used = peaks.pending_per_ip
+            elif kind == "max_concurrent_per_peer" and scope.startswith("peer:"):
+                used = peaks.per_peer.get(scope.removeprefix("peer:"), 0)
+            elif kind == "max_concurrent_per_peer":
+                used = max(peaks.per_peer.values(), default=0)
+            else:
+                continue  # a rate: nothing is held open
+            self._child(self.limit_usage, kind, scope).set(used)
 
     def _known_series(self, config: Config) -> Iterator[tuple[Any, ...]]:
         """(metric, *label values) of every series the rules make known: their listeners,
@@ -626,6 +734,34 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*values)
         return cast(_M, child)
+
+
+class Sampler:
+    """Calls ``sample`` every ``interval`` seconds on the event loop: for gauges of state no
+    event reports (the limiter's counts), at a cost that does not grow with the traffic."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sample: Callable[[], None], interval: float = 1.0
+    ) -> None:
+        self._loop = loop
+        self._sample = sample
+        self._interval = interval
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._fire()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        try:
+            self._sample()
+        except Exception:  # a gauge must never stop the loop's other work
+            log.exception("event=sample_failed")
+        self._handle = self._loop.call_later(self._interval, self._fire)
 
 
 class LoopLagProbe:
