@@ -129,6 +129,32 @@ def test_promtool_accepts_the_alert_rules_and_their_unit_tests_pass() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _anchor(heading: str) -> str:
+    """The anchor GitHub (and most Markdown renderers) give a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_every_alert_has_a_runbook_section_and_unit_tests_where_it_fires_and_where_not() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    runbook = (REPO / "docs" / "runbook.md").read_text()
+    sections = {
+        _anchor(line[3:]): line[3:] for line in runbook.splitlines() if line.startswith("## ")
+    }
+    tests = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+    cases = [case for test in tests for case in test["alert_rule_test"]]
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+    for name, rule in zip(names, rules, strict=True):
+        url = rule["annotations"]["runbook_url"]
+        path, _, anchor = url.partition("#")
+        assert path == "docs/runbook.md" and sections.get(anchor) == name, (name, url)
+        fires = [c for c in cases if c["alertname"] == name and c.get("exp_alerts")]
+        quiet = [c for c in cases if c["alertname"] == name and not c.get("exp_alerts")]
+        assert fires and quiet, f"{name}: a promtool case where it fires and one where it does not"
+    assert set(sections.values()) == set(names)  # no section for an alert that is gone
+
+
 def test_dashboard_is_importable_with_the_datasource_as_a_variable() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
