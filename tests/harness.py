@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
@@ -362,9 +362,36 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def written(stream: IO[bytes], limit: int = 4000) -> str:
+    """The end of what a helper process wrote to ``stream`` (a file it was given as its stderr),
+    as text: the message of a test that failed because the helper did not start."""
+    stream.flush()
+    stream.seek(0)
+    return _tail(stream.read(), limit)
+
+
+def _tail(output: bytes | None, limit: int = 4000) -> str:
+    text = (output or b"").decode(errors="replace").strip()
+    return (text[-limit:] if len(text) > limit else text) or "(nothing on stderr)"
+
+
+def stderr_text(process: subprocess.Popen[bytes]) -> str:
+    """What a helper process started with ``stderr=PIPE`` wrote there, once it has stopped (it
+    is killed first if it still runs, so the read ends)."""
+    if process.poll() is None:
+        process.kill()
+    try:
+        _, errors = process.communicate(timeout=2)
+    except (subprocess.TimeoutExpired, ValueError):  # a grandchild holds it; read already
+        return "(stderr could not be read)"
+    return _tail(errors)
+
+
 @contextlib.contextmanager
 def running_process(*command: str | Path, ready_port: int) -> Iterator[subprocess.Popen[bytes]]:
-    """Start a server process and wait (bounded) until ``ready_port`` accepts connections."""
+    """Start a server process and wait (bounded) until ``ready_port`` accepts connections.
+    Its stderr is a pipe the caller may read once it has stopped it; when it does not start,
+    the error shows what it wrote there."""
     process = subprocess.Popen(
         [str(part) for part in command],
         stdout=subprocess.DEVNULL,
@@ -377,8 +404,11 @@ def running_process(*command: str | Path, ready_port: int) -> Iterator[subproces
             with contextlib.suppress(OSError):
                 socket.create_connection(("127.0.0.1", ready_port), 0.2).close()
                 break
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"{command[0]} did not start: {process.stderr!r}")
+            exited = process.poll()
+            if exited is not None or time.monotonic() > deadline:
+                status = f"exit status {exited}" if exited is not None else "timed out"
+                output = stderr_text(process)
+                raise AssertionError(f"{command[0]} did not start ({status}): {output}")
             time.sleep(0.05)
         yield process
     finally:

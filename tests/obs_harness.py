@@ -4,14 +4,18 @@ and a /metrics scrape parsed by prometheus-client's own parser."""
 from __future__ import annotations
 
 import contextlib
+import re
 import ssl
+import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicomfw.config.load import load_config
@@ -33,6 +37,10 @@ from tests.harness import (
 )
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+REPO = Path(__file__).resolve().parent.parent
+ALERTS = REPO / "prometheus" / "dicomfw-alerts.yml"
+PROMTOOL = "/usr/bin/promtool"
 
 
 @contextlib.contextmanager
@@ -172,3 +180,66 @@ def drive_mix(firewall: Firewall, pki: Pki) -> Mix:
     garbage = bytes((0x01, 0, 0, 0, 0, 8)) + b"\x00\x01not-a-rq"[:8]
     assert exchange(front, garbage)[0] == 0x07  # A-ABORT
     return Mix()
+
+
+# ---- alert rules, evaluated by promtool -----------------------------------------------------
+
+
+def alert_fires(
+    directory: Path,
+    alert: str,
+    inputs: dict[str, str],
+    labels: dict[str, str],
+    at: str,
+    quiet_at: str = "2m",
+    value: str = "",
+) -> None:
+    """``promtool test rules`` on the shipped rules: with ``inputs`` (series selector ->
+    promtool values, e.g. what a test scraped from a daemon), ``alert`` is silent at
+    ``quiet_at`` and fires at ``at`` with ``labels`` (and the rule's own); its annotations
+    are the rule's, templated with those labels (and ``$value`` as ``value``)."""
+    rule = next(
+        r for r in yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"] if r["alert"] == alert
+    )
+    fields = {**labels}
+
+    def templated(text: str) -> str:
+        text = re.sub(r"\{\{ \$labels\.(\w+) \}\}", lambda m: fields[m.group(1)], text)
+        return re.sub(r"\{\{ \$value[^}]*\}\}", value, text)
+
+    tests: dict[str, Any] = {
+        "rule_files": [str(ALERTS)],
+        "evaluation_interval": "1m",
+        "tests": [
+            {
+                "interval": "1m",
+                "input_series": [{"series": k, "values": v} for k, v in inputs.items()],
+                "alert_rule_test": [
+                    {"eval_time": quiet_at, "alertname": alert, "exp_alerts": []},
+                    {
+                        "eval_time": at,
+                        "alertname": alert,
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {**labels, **rule["labels"]},
+                                "exp_annotations": {
+                                    key: templated(text)
+                                    for key, text in rule["annotations"].items()
+                                },
+                            }
+                        ],
+                    },
+                ],
+            }
+        ],
+    }
+    path = directory / f"{alert}.test.yml"
+    path.write_text(yaml.safe_dump(tests))
+    result = subprocess.run(
+        [PROMTOOL, "test", "rules", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from dicomfw.pki.certs import CertPaths
-from tests.harness import WAIT, free_port
+from tests.harness import WAIT, free_port, written
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 needs_redis = pytest.mark.skipif(
@@ -54,17 +54,19 @@ class RedisServer:
             port = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "yes",
                     "--tls-cert-file", str(tls.cert.cert), "--tls-key-file", str(tls.cert.key),
                     "--tls-ca-cert-file", str(tls.ca)]  # fmt: skip
-        self.process = subprocess.Popen(
-            [REDIS_SERVER, *port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        deadline = time.monotonic() + WAIT
-        while not self._answers():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError("redis-server did not start")
-            time.sleep(0.02)
+        log = self.directory / "redis-server.log"  # its log (stdout) and any error
+        with log.open("w+b") as output:
+            self.process = subprocess.Popen(
+                [REDIS_SERVER, *port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.directory)],
+                stdout=output,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
+            deadline = time.monotonic() + WAIT
+            while not self._answers():
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"redis-server did not start: {written(output)}")
+                time.sleep(0.02)
 
     def stop(self) -> None:
         """Gone at once, as a crash or a network cut would leave it (no save, no goodbye)."""

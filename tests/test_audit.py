@@ -75,7 +75,7 @@ def test_audit_records_of_a_known_sequence_match_field_by_field(tmp_path: Path, 
     traffic = {"bytes_from_requester": True, "bytes_from_upstream": True}
     config = str(tmp_path / "rules.yaml")
     assert [_stable(r) for r in records] == [
-        {"event": "application_start", "config": config},
+        {"event": "application_start", "outcome": "started", "config": config},
         {"event": "association", **front, "calling_ae": "CT01", "called_ae": "PACS",
          "route": "front/PACS", "upstream": upstream, **released, **traffic,
          "operations": [_op("C-ECHO", "Verification", verification, requests=1, success=1),
@@ -83,7 +83,8 @@ def test_audit_records_of_a_known_sequence_match_field_by_field(tmp_path: Path, 
          "instances_stored": 2,
          "contexts": [_ctx("CTImageStorage", ct), _ctx("Verification", verification)],
          "refused_contexts": [], "move_destinations": []},
-        {"event": "request_refused", **front, "calling_ae": "CT01", "called_ae": "PACS",
+        {"event": "request_refused", "outcome": "refused", **front,
+         "calling_ae": "CT01", "called_ae": "PACS",
          "route": "front/PACS", "service": "C-FIND",
          "sop_class": "StudyRootQueryRetrieveInformationModelFind", "sop_class_uid": find,
          "message_id": 1, "status": "0x0124", "count": 1, "reason": "service_not_allowed",
@@ -109,19 +110,22 @@ def test_audit_records_of_a_known_sequence_match_field_by_field(tmp_path: Path, 
          "operations": [_op("C-ECHO", "Verification", verification, requests=1, success=1)],
          "instances_stored": 0, "contexts": [_ctx("Verification", verification)],
          "refused_contexts": [], "move_destinations": []},
-        {"event": "association_rejected", **front, "calling_ae": "STRANGER", "called_ae": "PACS",
+        {"event": "association_rejected", "outcome": "rejected", **front,
+         "calling_ae": "STRANGER", "called_ae": "PACS",
          "route": None, "reason": "calling_ae_unknown",
          "detail": "calling AE 'STRANGER' is not a peer", "by_upstream": False,
          "rejection": {"result": 1, "source": 1, "reason": 3}},
-        {"event": "association_rejected", **front, "calling_ae": "CT01",
+        {"event": "association_rejected", "outcome": "rejected", **front, "calling_ae": "CT01",
          "called_ae": "NOT_A_PACS", "route": None, "reason": "called_ae_unknown",
          "detail": "no route for called AE 'NOT_A_PACS' on listener 'front'",
          "by_upstream": False, "rejection": {"result": 1, "source": 1, "reason": 7}},
-        {"event": "association_rejected", **front, "calling_ae": "CT01", "called_ae": "DEAD",
+        {"event": "association_rejected", "outcome": "rejected", **front,
+         "calling_ae": "CT01", "called_ae": "DEAD",
          "route": "front/DEAD", "reason": "upstream_unreachable",
          "detail": records[7]["detail"], "by_upstream": False,
          "rejection": {"result": 2, "source": 3, "reason": 1}},
-        {"event": "connection_refused", "listener": "secure", "source": "127.0.0.1:*",
+        {"event": "connection_refused", "outcome": "refused", "listener": "secure",
+         "source": "127.0.0.1:*",
          "certificate": None, "reason": "tls_handshake_failed", "cause": "no_certificate",
          "detail": "PEER_DID_NOT_RETURN_A_CERTIFICATE", "presented_certificate": None},
         {"event": "association", **front, "calling_ae": None, "called_ae": None, "route": None,
@@ -129,7 +133,7 @@ def test_audit_records_of_a_known_sequence_match_field_by_field(tmp_path: Path, 
          "detail": "association PDU too short", "bytes_from_requester": True,
          "bytes_from_upstream": False, "operations": [], "instances_stored": 0,
          "contexts": [], "refused_contexts": [], "move_destinations": []},
-        {"event": "application_stop", "config": config},
+        {"event": "application_stop", "outcome": "stopped", "config": config},
     ]  # fmt: skip
     assert records[7]["detail"].startswith("dead: ")
 
@@ -147,7 +151,8 @@ def test_a_request_the_upstream_failed_gets_its_own_record(tmp_path: Path, pki: 
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     front = {"listener": "front", "source": "127.0.0.1:*", "certificate": None}
     assert [_stable(r) for r in records[1:3]] == [
-        {"event": "request_failed", **front, "calling_ae": "CT01", "called_ae": "PACS",
+        {"event": "request_failed", "outcome": "failed", **front,
+         "calling_ae": "CT01", "called_ae": "PACS",
          "route": "front/PACS", "service": "C-STORE", "sop_class": "CTImageStorage",
          "sop_class_uid": CT, "message_id": 1, "status": "0xA700", "count": 1},
         {"event": "association", **front, "calling_ae": "CT01", "called_ae": "PACS",
@@ -173,7 +178,7 @@ def _echo_associations(port: int, count: int) -> float:
     return time.perf_counter() - started
 
 
-def test_a_blocked_audit_sink_does_not_slow_the_relay_and_its_drops_are_counted(
+def test_a_blocked_audit_sink_does_not_slow_the_relay_and_its_drops_are_counted_as_lost(
     tmp_path: Path, pki: Pki
 ) -> None:
     count = 40
@@ -196,8 +201,10 @@ def test_a_blocked_audit_sink_does_not_slow_the_relay_and_its_drops_are_counted(
                 timings[name] = _echo_associations(fw.port("front"), count)
                 time.sleep(0.2)
                 assert obs.server is not None and obs.audit is not None
-                dropped = value(scrape(obs.server.port), "dicomfw_audit_events_dropped_total")
-                counted = sum(sink.dropped for sink in obs.audit.sinks)
+                dropped = value(
+                    scrape(obs.server.port), "dicomfw_audit_events_lost_total", cause="queue_full"
+                )
+                counted = sum(sink.lost["queue_full"] for sink in obs.audit.sinks)
                 if name == "blocked":
                     os.close(reader)  # unblocks the writer (EPIPE), so the close is quick
             assert dropped == counted

@@ -17,13 +17,19 @@ from typing import Any
 import yaml
 
 from tests.harness import WAIT, Pki, free_port, running_process, running_scp
-from tests.obs_harness import drive_mix, mixed_rules, observed_firewall, wait_until
+from tests.obs_harness import (
+    ALERTS,
+    PROMTOOL,
+    REPO,
+    drive_mix,
+    mixed_rules,
+    observed_firewall,
+    wait_until,
+)
 
-REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "grafana" / "dicomfw-dashboard.json"
-ALERTS = REPO / "prometheus" / "dicomfw-alerts.yml"
 ALERT_TESTS = REPO / "prometheus" / "dicomfw-alerts.test.yml"
-PROMETHEUS, PROMTOOL = "/usr/bin/prometheus", "/usr/bin/promtool"
+PROMETHEUS = "/usr/bin/prometheus"
 
 #: Grafana's variables, as the test resolves them: every instance and listener, short windows.
 VARIABLES = {"__rate_interval": "1m", "__range": "5m", "instance": ".*", "listener": ".*"}
@@ -41,6 +47,7 @@ TRAFFIC = {
     "Association duration",
     "Soonest certificate expiry",
     "Certificate days left",
+    "Rules version",
 }
 
 
@@ -123,6 +130,32 @@ def test_promtool_accepts_the_alert_rules_and_their_unit_tests_pass() -> None:
         assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _anchor(heading: str) -> str:
+    """The anchor GitHub (and most Markdown renderers) give a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def test_every_alert_has_a_runbook_section_and_unit_tests_where_it_fires_and_where_not() -> None:
+    rules = yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+    runbook = (REPO / "docs" / "runbook.md").read_text()
+    sections = {
+        _anchor(line[3:]): line[3:] for line in runbook.splitlines() if line.startswith("## ")
+    }
+    tests = yaml.safe_load(ALERT_TESTS.read_text())["tests"]
+    cases = [case for test in tests for case in test["alert_rule_test"]]
+    names = [rule["alert"] for rule in rules]
+    assert len(names) == len(set(names))
+    for name, rule in zip(names, rules, strict=True):
+        url = rule["annotations"]["runbook_url"]
+        path, _, anchor = url.partition("#")
+        assert path == "docs/runbook.md" and sections.get(anchor) == name, (name, url)
+        fires = [c for c in cases if c["alertname"] == name and c.get("exp_alerts")]
+        quiet = [c for c in cases if c["alertname"] == name and not c.get("exp_alerts")]
+        assert fires and quiet, f"{name}: a promtool case where it fires and one where it does not"
+    assert set(sections.values()) == set(names)  # no section for an alert that is gone
+
+
 def test_dashboard_is_importable_with_the_datasource_as_a_variable() -> None:
     dashboard = json.loads(DASHBOARD.read_text())
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
@@ -135,6 +168,73 @@ def test_dashboard_is_importable_with_the_datasource_as_a_variable() -> None:
         if panel["type"] != "row":
             assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
             assert all(t["datasource"] == panel["datasource"] for t in panel["targets"])
+
+
+PANEL_TYPES = {"row", "stat", "timeseries", "table", "bargauge"}
+
+
+def _panels() -> list[dict[str, Any]]:
+    return list(json.loads(DASHBOARD.read_text())["panels"])
+
+
+def test_every_panel_has_a_unit_and_queries_through_the_datasource_variable() -> None:
+    for panel in _panels():
+        assert panel["type"] in PANEL_TYPES, panel["title"]
+        if panel["type"] == "row":
+            continue
+        unit = panel["fieldConfig"]["defaults"].get("unit")
+        assert isinstance(unit, str) and unit, f"{panel['title']}: no unit"
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
+        refs = [t["refId"] for t in panel["targets"]]
+        assert len(refs) == len(set(refs)) and refs, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"], panel["title"]
+            assert "$instance" in target["expr"], panel["title"]  # the variable narrows it
+
+
+def test_every_stat_and_coloured_cell_has_thresholds_and_the_layout_fits() -> None:
+    panels = _panels()
+    occupied: set[tuple[int, int]] = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24, panel["title"]
+        cells = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not cells & occupied, f"{panel['title']} overlaps another panel"
+        occupied |= cells
+        defaults = panel.get("fieldConfig", {}).get("defaults", {})
+        coloured = any(
+            prop == {"id": "custom.displayMode", "value": "color-background"}
+            for override in panel.get("fieldConfig", {}).get("overrides", [])
+            for prop in override["properties"]
+        )
+        if panel["type"] in ("stat", "bargauge") or coloured:
+            thresholds = defaults["thresholds"]
+            assert thresholds["mode"] == "absolute", panel["title"]
+            steps = thresholds["steps"]
+            assert len(steps) >= 2 or panel["title"] == "Active associations", panel["title"]
+            assert steps[0]["value"] is None, panel["title"]
+            values = [step["value"] for step in steps[1:]]
+            assert values == sorted(values), panel["title"]
+    by_title = {panel["title"]: panel for panel in panels}
+    lost = by_title["Audit events lost"]
+    assert lost["fieldConfig"]["defaults"]["thresholds"]["steps"] == [
+        {"color": "green", "value": None},
+        {"color": "red", "value": 1},
+    ]
+    assert lost["targets"][0]["expr"].startswith("ceil(")  # any loss at all shows as >= 1
+    for title in ("Certificate days left", "CRL days to next update"):
+        steps = by_title[title]["fieldConfig"]["defaults"]["thresholds"]["steps"]
+        assert [s["color"] for s in steps] == ["red", "orange", "green"], title
+    refusals = by_title["Refusals by reason"]
+    assert refusals["fieldConfig"]["defaults"]["unit"] == "opm"  # per minute, not 0.07/s
+    assert refusals["targets"][0]["expr"].endswith("* 60")
+    version = by_title["Rules version"]
+    organize = next(t for t in version["transformations"] if t["id"] == "organize")
+    assert organize["options"]["excludeByName"] == {"Time": True, "Value": True}
 
 
 def test_a_real_prometheus_evaluates_every_dashboard_and_alert_expression(

@@ -43,7 +43,7 @@ from tests.contenthelpers import (
     text,
 )
 from tests.corehelpers import associate_rq, c_find_rq, c_get_rq, c_store_rq, c_store_rsp
-from tests.harness import VERIFICATION, WAIT, Pki, free_port, running_scp
+from tests.harness import VERIFICATION, WAIT, Pki, free_port, running_scp, written
 from tests.obs_harness import observed_firewall, scrape, value
 
 GOOD = "1.2.826.0.1.3680043.10.9.1"
@@ -72,16 +72,17 @@ def clamd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         f"Foreground yes\nDatabaseDirectory {home / 'db'}\nLocalSocket {socket_path}\n"
         f"PidFile {home / 'clamd.pid'}\nStreamMaxLength 64M\n"
     )
-    process = subprocess.Popen(
-        ["/usr/sbin/clamd", f"--config-file={home / 'clamd.conf'}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while not socket_path.exists():
-        assert process.poll() is None, f"clamd did not start: {process.stderr!r}"
-        assert time.monotonic() < deadline, "clamd did not open its socket in 30 s"
-        time.sleep(0.1)
+    with (home / "clamd.stderr").open("w+b") as errors:
+        process = subprocess.Popen(
+            ["/usr/sbin/clamd", f"--config-file={home / 'clamd.conf'}"],
+            stdout=subprocess.DEVNULL,
+            stderr=errors,
+        )
+        deadline = time.monotonic() + 30
+        while not socket_path.exists():
+            assert process.poll() is None, f"clamd did not start: {written(errors)}"
+            assert time.monotonic() < deadline, f"clamd did not open its socket: {written(errors)}"
+            time.sleep(0.1)
     yield f"unix:{socket_path}"
     process.send_signal(signal.SIGTERM)
     process.wait(WAIT)

@@ -223,6 +223,13 @@ class _Counts(Generic[K]):
     def total(self) -> int:
         return sum(self._items.values())
 
+    def most(self) -> int:
+        """The highest count of any key (0 when none is counted)."""
+        return max(self._items.values(), default=0)
+
+    def snapshot(self) -> Mapping[K, int]:
+        return MappingProxyType(dict(self._items))
+
     def __len__(self) -> int:
         return len(self._items)
 
@@ -247,6 +254,19 @@ class Usage:
     pending: int
     active: int
     keys: int  # counter entries and rate buckets in memory
+
+
+@dataclass(frozen=True, slots=True)
+class Peaks:
+    """What each concurrency cap is compared with now, at its fullest: the associations open
+    (``max_concurrent_total``), the most one address holds open (``max_concurrent_per_ip``) or
+    has not yet associated (``max_pending_per_ip``), and each peer's open associations
+    (``max_concurrent_per_peer``). For the metrics' share of each cap in use."""
+
+    total: int
+    per_ip: int
+    pending_per_ip: int
+    per_peer: Mapping[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +331,13 @@ class Limiter:
             return None
         self._pending.add(key)
         return Gate(self, rules, listener, key)
+
+    def peaks(self) -> Peaks:
+        """The counts the caps are compared with (``Peaks``). Goes over every address and peer
+        counted: for a once-a-second sample, not for each association."""
+        return Peaks(
+            self._total, self._by_source.most(), self._pending.most(), self._by_peer.snapshot()
+        )
 
     def usage(self) -> Usage:
         keys = (

@@ -33,12 +33,19 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import cache
 from typing import Any, Final
 
 from dicomfw.config.model import AtnaCollector
-from dicomfw.observe.audit import QueuedSink, Record
+from dicomfw.observe.audit import (
+    COLLECTOR_UNREACHABLE,
+    WRITE_ERROR,
+    Losses,
+    QueuedSink,
+    Record,
+    WriteFailed,
+)
 
 PRI: Final = 10 * 8 + 5  # facility 10 (security/authorization), severity 5 (notice)
 MSGID: Final = "DICOM+RFC3881"
@@ -78,6 +85,10 @@ _AUTHENTICATION_FAILURES: Final = frozenset(
 )
 #: Rejections that are the upstream's doing or its absence: not a security event.
 _NOT_ALERTS: Final = frozenset({"upstream_unreachable", "upstream_rejected"})
+#: Records that become a Security Alert.
+_ALERTS: Final = frozenset(
+    {"connection_refused", "association_rejected", "request_refused", "content_refused"}
+)
 
 
 # ---- PS3.15 A.5.1 XML ---------------------------------------------------------------------------
@@ -187,22 +198,28 @@ class Messages:
         self.source_id = source_id
         self.pid = pid
 
+    @staticmethod
+    def wants(record: Record) -> bool:
+        """Whether ``record`` becomes a message at all: request_failed and would_refuse records
+        do not (the association's messages carry the outcome; monitor mode refused nothing),
+        nor a rejection that is the upstream's doing, nor an association that neither stored
+        nor queried."""
+        event = record["event"]
+        if event in _ALERTS:
+            return record["reason"] not in _NOT_ALERTS
+        if event == "association":
+            return any(op["service"] in ("C-STORE", "C-FIND") for op in record["operations"])
+        return event in ("application_start", "application_stop")
+
     def __call__(self, record: Record) -> list[tuple[str, str]]:
+        if not self.wants(record):
+            return []
         event = record["event"]
         if event in ("application_start", "application_stop"):
             return [(record["time"], self._application(record))]
-        if event in (
-            "connection_refused",
-            "association_rejected",
-            "request_refused",
-            "content_refused",
-        ):
-            return (
-                [] if record["reason"] in _NOT_ALERTS else [(record["time"], self._alert(record))]
-            )
-        if event == "association":
-            return self._association(record)
-        return []  # request_failed: the association's messages carry the outcome
+        if event in _ALERTS:
+            return [(record["time"], self._alert(record))]
+        return self._association(record)
 
     def _us(self) -> str:
         return _participant(APP_NAME, False, ROLE_APPLICATION, alternative=str(self.pid))
@@ -340,6 +357,14 @@ def _hostname() -> str:
     return name or "-"
 
 
+class Unreachable(OSError):
+    """The collector could not be connected to (no route, refused, TLS handshake failed), as
+    opposed to a connection that broke while sending."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.errno, str(error))
+
+
 class _Tls:
     """One long-lived TLS connection, re-opened when the collector has closed it."""
 
@@ -357,11 +382,17 @@ class _Tls:
         if self._sock is not None and _closed_by_peer(self._sock):
             self.close()
         if self._sock is None:
-            raw = socket.create_connection(
-                (self._collector.host, self._collector.port), _CONNECT_SECONDS
-            )
+            try:
+                raw = socket.create_connection(
+                    (self._collector.host, self._collector.port), _CONNECT_SECONDS
+                )
+            except OSError as error:
+                raise Unreachable(error) from error
             try:
                 self._sock = self._context.wrap_socket(raw, server_hostname=self._collector.host)
+            except OSError as error:  # ssl.SSLError too: its certificate, or ours
+                raw.close()
+                raise Unreachable(error) from error
             except BaseException:
                 raw.close()
                 raise
@@ -391,14 +422,19 @@ class _Udp:
         self._address: Any = None
 
     def send(self, messages: list[bytes]) -> None:
-        if self._sock is None:
-            family, kind, protocol, _, address = socket.getaddrinfo(
-                self._collector.host, self._collector.port, type=socket.SOCK_DGRAM
-            )[0]
-            self._sock = socket.socket(family, kind, protocol)
-            self._address = address
-        for message in messages:
-            self._sock.sendto(message, self._address)  # RFC 5426 §3.1: one message per datagram
+        """Without a connection, a failed send (no route, no such host) means the collector
+        cannot be reached."""
+        try:
+            if self._sock is None:
+                family, kind, protocol, _, address = socket.getaddrinfo(
+                    self._collector.host, self._collector.port, type=socket.SOCK_DGRAM
+                )[0]
+                self._sock = socket.socket(family, kind, protocol)
+                self._address = address
+            for message in messages:
+                self._sock.sendto(message, self._address)  # RFC 5426 §3.1: one per datagram
+        except OSError as error:
+            raise Unreachable(error) from error
 
     def close(self) -> None:
         if self._sock is not None:
@@ -407,12 +443,18 @@ class _Udp:
 
 
 class AtnaWriter:
-    """Writes batches of audit records to the collector; runs on the sink's thread only."""
+    """Writes batches of audit records to the collector; runs on the sink's thread only. A
+    batch still not sent after the retries is lost whole (``WriteFailed``)."""
+
+    causes: tuple[str, ...] = (WRITE_ERROR, COLLECTOR_UNREACHABLE)
 
     def __init__(self, collector: AtnaCollector) -> None:
         self._transport = _Tls(collector) if collector.transport == "tls" else _Udp(collector)
         self._hostname = _hostname()
         self._messages = Messages(self._hostname, os.getpid())
+
+    def wants(self, record: Record) -> bool:
+        return Messages.wants(record)
 
     def write(self, batch: list[Record]) -> None:
         pid = self._messages.pid
@@ -433,17 +475,15 @@ class AtnaWriter:
             except OSError as error:
                 failure = error
         assert failure is not None
-        raise failure
+        cause = COLLECTOR_UNREACHABLE if isinstance(failure, Unreachable) else WRITE_ERROR
+        raise WriteFailed(cause, len(batch), failure)
 
     def close(self) -> None:
         self._transport.close()
 
 
 def atna_sink(
-    collector: AtnaCollector,
-    queue_size: int,
-    on_drop: Callable[[], None] | None = None,
-    on_error: Callable[[], None] | None = None,
+    collector: AtnaCollector, queue_size: int, on_lost: Losses | None = None
 ) -> QueuedSink:
     """The ATNA sink. TLS material is loaded now, so a bad file fails the start."""
-    return QueuedSink("atna", AtnaWriter(collector), queue_size, on_drop, on_error)
+    return QueuedSink("atna", AtnaWriter(collector), queue_size, on_lost)

@@ -11,8 +11,15 @@ as received: that is what an investigation needs.
 It must never slow the relay. While an association runs the observer only counts into a small
 per-association dict; a record is built once per association (or refusal), and serialising and
 writing happen on a writer thread behind a bounded queue. When a sink falls ``queue_size``
-events behind, new events are dropped and counted (``dicomfw_audit_events_dropped_total``)
-instead of waited for: a stuck disk or collector costs audit events, never DICOM traffic.
+events behind, new events are dropped instead of waited for: a stuck disk or collector costs
+audit events, never DICOM traffic.
+
+Every record a sink was handed and did not deliver is counted, by sink and cause
+(``dicomfw_audit_events_lost_total``): ``queue_full`` (dropped at the queue),
+``write_error`` (the write failed: a full disk, a broken connection to the collector; the
+file sink counts only the records not wholly written) and ``collector_unreachable`` (the ATNA
+collector could not be connected to). A record a sink never takes (the ATNA sink has no
+message for a ``request_failed`` or ``would_refuse`` record) is not lost.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol, TextIO
+from typing import Any, Final, Protocol
 
 from dicomfw.config.model import Config
 from dicomfw.core.session import (
@@ -58,6 +65,23 @@ _BATCH: Final = 512  # records written per write()+flush() at most
 _INTERVAL_SECONDS: Final = 0.05
 
 
+#: Every record's ``outcome``, by its ``event``: how the association ended; what the firewall
+#: did (a rejection, a refusal; for content, whether it answered a request, replaced a response
+#: or aborted the association); a request the upstream failed; what monitor mode let pass.
+#: ``docs/audit.schema.json`` is the schema of every record.
+OUTCOMES: Final = {
+    "application_start": ("started",),
+    "application_stop": ("stopped",),
+    "association": ("released", "aborted", "closed"),
+    "association_rejected": ("rejected",),
+    "connection_refused": ("refused",),
+    "request_refused": ("refused",),
+    "request_failed": ("failed",),
+    "content_refused": ("refused", "replaced", "aborted"),
+    "would_refuse": ("would_refuse",),
+}
+
+
 def timestamp(seconds: float) -> str:
     """RFC 3339 / xsd:dateTime in UTC with milliseconds, e.g. 2025-01-31T09:30:00.125Z."""
     moment = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
@@ -67,10 +91,38 @@ def timestamp(seconds: float) -> str:
 # ---- sinks: a bounded queue in front of a slow writer -------------------------------------------
 
 
+#: Why a record was lost: ``dicomfw_audit_events_lost_total``'s cause label.
+QUEUE_FULL: Final = "queue_full"
+WRITE_ERROR: Final = "write_error"
+COLLECTOR_UNREACHABLE: Final = "collector_unreachable"
+
+
+class WriteFailed(Exception):
+    """A writer delivered only part of a batch: ``lost`` of its records were not written, for
+    ``cause`` (one of the writer's ``causes``)."""
+
+    def __init__(self, cause: str, lost: int, error: BaseException) -> None:
+        super().__init__(f"{cause}: {error!r}")
+        self.cause = cause
+        self.lost = lost
+        self.error = error
+
+
 class Writer(Protocol):
+    #: The causes of loss its writes can report (``WriteFailed.cause``), besides a full queue.
+    causes: tuple[str, ...]
+
+    def wants(self, record: Record) -> bool:
+        """Whether it has anything to write for ``record``: what it does not want never
+        enters its queue, so it can be neither dropped nor lost."""
+        ...
+
     def write(self, batch: list[Record]) -> None: ...
 
     def close(self) -> None: ...
+
+
+Losses = Callable[[str, int], None]  # (cause, records lost)
 
 
 class QueuedSink:
@@ -80,40 +132,43 @@ class QueuedSink:
     ``submit`` never blocks and never signals the writer thread: it appends to a deque (atomic
     under the GIL, ~0.1 µs), and the writer wakes every ``_INTERVAL_SECONDS`` to write what
     has gathered in one batch. Waking the writer per record would cost the relay a GIL
-    hand-over per record. When ``queue_size`` records are pending the record is dropped and
-    ``on_drop`` called; a failed write loses that batch and calls ``on_error``.
+    hand-over per record. Every record it took and did not deliver is reported to ``on_lost``
+    with its cause: dropped because ``queue_size`` records were pending, or not written (the
+    batch, or the part of it ``WriteFailed`` names).
     """
 
     def __init__(
-        self,
-        name: str,
-        writer: Writer,
-        queue_size: int,
-        on_drop: Callable[[], None] | None = None,
-        on_error: Callable[[], None] | None = None,
+        self, name: str, writer: Writer, queue_size: int, on_lost: Losses | None = None
     ) -> None:
         self.name = name
-        self.dropped = 0
+        self.causes = (QUEUE_FULL, *writer.causes)
+        self.lost = dict.fromkeys(self.causes, 0)  # records lost so far, by cause
+        self.on_lost = on_lost
         self._writer = writer
         self._pending: deque[Record] = deque()
         self._capacity = queue_size
-        self._on_drop = on_drop
-        self._on_error = on_error
         self._dropping = False  # log once per episode of drops, not per event
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"audit-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, record: Record) -> None:
+        if not self._writer.wants(record):
+            return
         if len(self._pending) < self._capacity:
             self._pending.append(record)
             return
-        self.dropped += 1
-        if self._on_drop is not None:
-            self._on_drop()
+        self._lose(QUEUE_FULL, 1)
         if not self._dropping:
             self._dropping = True
-            log_event(log, logging.WARNING, "audit_events_dropped", sink=self.name)
+            log_event(
+                log, logging.WARNING, "audit_events_dropped", sink=self.name, cause=QUEUE_FULL
+            )
+
+    def _lose(self, cause: str, count: int) -> None:
+        self.lost[cause] += count
+        if self.on_lost is not None:
+            self.on_lost(cause, count)
 
     def _run(self) -> None:
         pending = self._pending
@@ -128,16 +183,24 @@ class QueuedSink:
     def _write(self, batch: list[Record]) -> None:
         try:
             self._writer.write(batch)
+        except WriteFailed as failure:
+            self._failed(failure.cause, failure.lost, failure.error)
         except Exception as error:  # a sink failure must not end the thread
-            self._failed(error, len(batch))
+            self._failed(WRITE_ERROR, len(batch), error)
         else:
             self._dropping = False
 
-    def _failed(self, error: Exception, lost: int) -> None:
-        if self._on_error is not None:
-            self._on_error()
+    def _failed(self, cause: str, lost: int, error: BaseException) -> None:
+        if lost:
+            self._lose(cause, lost)
         log_event(
-            log, logging.ERROR, "audit_write_failed", sink=self.name, lost=lost, error=repr(error)
+            log,
+            logging.ERROR,
+            "audit_write_failed",
+            sink=self.name,
+            cause=cause,
+            lost=lost,
+            error=repr(error),
         )
 
     def close(self, timeout: float) -> None:
@@ -145,34 +208,67 @@ class QueuedSink:
         self._closing.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
+            pending = len(self._pending)
+            self._lose(WRITE_ERROR, pending)  # the writer is stuck: they will not be written
             log_event(
-                log,
-                logging.WARNING,
-                "audit_flush_incomplete",
-                sink=self.name,
-                pending=len(self._pending),
+                log, logging.WARNING, "audit_flush_incomplete", sink=self.name, pending=pending
             )
-            return  # the writer is stuck: leave it (a daemon thread) rather than hang the exit
+            return  # leave it (a daemon thread) rather than hang the exit
         try:
-            self._writer.close()  # may flush the last bytes
+            self._writer.close()
         except OSError as error:
-            self._failed(error, 0)
+            log_event(log, logging.ERROR, "audit_close_failed", sink=self.name, error=repr(error))
 
 
 class JsonLines:
-    """One compact JSON object per line, flushed per batch, to a file (appended) or stdout."""
+    """One compact JSON object per line, appended to a file (or stdout), one write per batch.
+
+    Written to the file descriptor without a buffer in between, so a failed write says exactly
+    which records are not in the file (those not wholly written; ``WriteFailed``) and none of
+    them turns up later from a buffer that was kept. A line cut short by a failed write is
+    ended before the next record, which so starts a line of its own."""
+
+    causes: tuple[str, ...] = (WRITE_ERROR,)
 
     def __init__(self, path: Path | None) -> None:
-        self._stream: TextIO = sys.stdout if path is None else path.open("a", encoding="utf-8")
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+        self._fd = sys.stdout.fileno() if path is None else os.open(path, flags, 0o666)
         self._owned = path is not None
+        self._torn = False  # the last write ended inside a line
+
+    def wants(self, record: Record) -> bool:
+        return True
 
     def write(self, batch: list[Record]) -> None:
-        self._stream.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in batch))
-        self._stream.flush()
+        lines = [json.dumps(r, separators=(",", ":")).encode("ascii") + b"\n" for r in batch]
+        end_torn_line = b"\n" if self._torn else b""
+        data = memoryview(end_torn_line + b"".join(lines))
+        done = 0
+        try:
+            while done < len(data):
+                done += os.write(self._fd, data[done:])
+        except OSError as error:
+            whole = 0
+            if done >= len(end_torn_line):  # the torn line, if any, was ended
+                whole, boundary = _whole(lines, done - len(end_torn_line))
+                self._torn = done - len(end_torn_line) > boundary
+            raise WriteFailed(WRITE_ERROR, len(lines) - whole, error) from error
+        self._torn = False
 
     def close(self) -> None:
         if self._owned:
-            self._stream.close()
+            os.close(self._fd)
+
+
+def _whole(lines: list[bytes], written: int) -> tuple[int, int]:
+    """How many of ``lines`` the first ``written`` bytes hold whole, and where they end."""
+    count = boundary = 0
+    for line in lines:
+        if boundary + len(line) > written:
+            break
+        boundary += len(line)
+        count += 1
+    return count, boundary
 
 
 # ---- the observer ---------------------------------------------------------------------------
@@ -234,6 +330,7 @@ class AuditTrail:
         self._submit(
             {
                 "event": f"application_{what}",
+                "outcome": "started" if what == "start" else "stopped",
                 "time": timestamp(time.time()),
                 "pid": self._pid,
                 "config": str(config_path),
@@ -305,7 +402,7 @@ class AuditTrail:
                 self._association_record(info, event)
         elif kind is AssociationRejected:
             assert isinstance(event, AssociationRejected)
-            record = _who(self._pid, info, "association_rejected")
+            record = _who(self._pid, info, "association_rejected", "rejected")
             record.update(
                 calling_ae=event.calling_ae,
                 called_ae=event.called_ae,
@@ -323,7 +420,7 @@ class AuditTrail:
                 row = facts.row(event.service, event.sop_class)
                 row[_INDEX["requests"]] += event.count
                 row[_INDEX["refused"]] += event.count
-            record = _who(self._pid, info, "content_refused")
+            record = _who(self._pid, info, "content_refused", event.action)
             record.update(
                 calling_ae=info.calling_ae,
                 called_ae=info.called_ae,
@@ -343,7 +440,7 @@ class AuditTrail:
             self._submit(record)
         elif kind is WouldRefuse:
             assert isinstance(event, WouldRefuse)
-            record = _who(self._pid, info, "would_refuse")
+            record = _who(self._pid, info, "would_refuse", "would_refuse")
             record.update(
                 calling_ae=info.calling_ae,
                 called_ae=info.called_ae,
@@ -360,7 +457,7 @@ class AuditTrail:
             self._submit(record)
         elif kind is Refused:
             assert isinstance(event, Refused)
-            record = _who(self._pid, info, "connection_refused")
+            record = _who(self._pid, info, "connection_refused", "refused")
             presented = event.certificate
             record.update(
                 reason=event.why,
@@ -390,7 +487,7 @@ class AuditTrail:
         count: int = 1,
     ) -> None:
         """One request, or ``count`` alike reported together (a refusal flood, counted)."""
-        record = _who(self._pid, info, name)
+        record = _who(self._pid, info, name, "refused" if why else "failed")
         record.update(
             calling_ae=info.calling_ae,
             called_ae=info.called_ae,
@@ -410,13 +507,12 @@ class AuditTrail:
         facts = self._facts.pop(id(info), None)
         now = time.time()
         duration = time.monotonic() - info.started
-        record = _who(self._pid, info, "association")
+        record = _who(self._pid, info, "association", event.how)
         record.update(
             calling_ae=info.calling_ae,
             called_ae=info.called_ae,
             route=info.route,
             upstream=facts.upstream if facts is not None else None,
-            outcome=event.how,
             reason=event.why,
             detail=event.detail,
             start=timestamp(now - duration),
@@ -437,12 +533,13 @@ class AuditTrail:
         self._submit(record)
 
 
-def _who(pid: int, info: AssociationInfo, name: str) -> Record:
-    """The fields every record has: what happened, when, in which process (worker), on which
-    listener, from where."""
+def _who(pid: int, info: AssociationInfo, name: str, outcome: str) -> Record:
+    """The fields every record has: what happened and how it came out (``OUTCOMES``), when, in
+    which process (worker), on which listener, from where."""
     identity = info.identity
     return {
         "event": name,
+        "outcome": outcome,
         "time": timestamp(time.time()),
         "pid": pid,
         "listener": info.listener,
@@ -463,11 +560,8 @@ def _who(pid: int, info: AssociationInfo, name: str) -> Record:
 
 
 def json_lines_sink(
-    path: Path | None,
-    queue_size: int,
-    on_drop: Callable[[], None] | None = None,
-    on_error: Callable[[], None] | None = None,
+    path: Path | None, queue_size: int, on_lost: Losses | None = None
 ) -> QueuedSink:
     """The JSON-lines sink for ``path`` (None: stdout). Opens the file now, so a bad path fails
     the start rather than the first event."""
-    return QueuedSink("file", JsonLines(path), queue_size, on_drop, on_error)
+    return QueuedSink("file", JsonLines(path), queue_size, on_lost)

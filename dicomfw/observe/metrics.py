@@ -23,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Final, TypeVar, cast
 from wsgiref.simple_server import WSGIServer
@@ -43,7 +44,9 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from dicomfw.config.model import Config, MetricsEndpoint
-from dicomfw.core.policy import VERIFICATION_SOP_CLASS
+from dicomfw.core.content import CHECKS
+from dicomfw.core.policy import MONITOR, VERIFICATION_SOP_CLASS, Route
+from dicomfw.core.ratelimit import Peaks
 from dicomfw.core.session import (
     ANSWER_CLASSES,
     AssociationAccepted,
@@ -79,6 +82,86 @@ PROTOCOL_REFUSALS: Final = frozenset(
 UPSTREAM_FAILURES: Final = frozenset(
     {"upstream_unreachable", "upstream_certificate_invalid", "upstream_tls_failed"}
 )
+#: The reasons each stage of ``dicomfw_refusals_total`` counts (the core's and the relay's
+#: fixed ``why`` strings; content: the check names), and the fixed values of the other
+#: labels. Every series they make with the rules' names exists from the start at 0 (see
+#: ``Metrics._known_series``): a panel shows 0, not "No data", and the first refusal of a
+#: kind counts in ``increase()`` instead of being the series' first sample.
+CONNECTION_REASONS: Final = ("source_address_denied", "pending_limit_exceeded")
+TLS_REASONS: Final = ("tls_handshake_failed",)
+PROXY_REASONS: Final = ("proxy_source_denied", "proxy_header_invalid")
+RULE_ASSOCIATION_REASONS: Final = (
+    "calling_ae_unknown",
+    "source_network_denied",
+    "certificate_mismatch",
+    "called_ae_unknown",
+    "route_denies_calling_ae",
+    "no_context_allowed",
+)
+LIMIT_ASSOCIATION_REASONS: Final = (
+    "ip_association_rate_exceeded",
+    "peer_association_rate_exceeded",
+    "ip_concurrency_exceeded",
+    "peer_concurrency_exceeded",
+    "total_concurrency_exceeded",
+)
+ASSOCIATION_REASONS: Final = (
+    *RULE_ASSOCIATION_REASONS,
+    *LIMIT_ASSOCIATION_REASONS,
+    "upstream_unreachable",
+    "upstream_certificate_invalid",
+    "upstream_tls_failed",
+    "upstream_rejected",
+)
+CONTEXT_REASONS: Final = ("sop_class_not_allowed", "transfer_syntax_not_allowed")
+RULE_REQUEST_REASONS: Final = ("service_not_allowed", "move_destination_denied")
+REQUEST_REASONS: Final = (*RULE_REQUEST_REASONS, "unrecognized_operation", "request_rate_exceeded")
+CONTENT_CHECKS: Final = (*CHECKS, "malware", "scan_unavailable")
+#: ``dicomfw_tls_handshake_failures_total``'s causes (``relay/server.py:handshake_cause``).
+HANDSHAKE_CAUSES: Final = (
+    "no_certificate",
+    "unknown_ca",
+    "certificate_expired",
+    "certificate_revoked",
+    "certificate_invalid",
+    "crl_expired",
+    "crl_invalid",
+    "protocol_version",
+    "no_shared_cipher",
+    "not_tls",
+    "peer_alert",
+    "timeout",
+    "connection_lost",
+    "other",
+)
+#: ``dicomfw_upstream_connect_failures_total``'s causes (``relay/server.py:upstream_cause``);
+#: the TLS ones only for an upstream with TLS.
+UPSTREAM_CAUSES: Final = ("refused", "timeout", "unreachable", "connection_lost", "other")
+UPSTREAM_TLS_CAUSES: Final = ("certificate_invalid", "tls_handshake_failed")
+#: How a connection that reached DICOM can end, with a route and without one.
+ROUTED_OUTCOMES: Final = ("released", "aborted", "closed", "rejected")
+UNROUTED_OUTCOMES: Final = ("rejected", "aborted", "closed", "refused", "probe")
+SCAN_RESULTS: Final = ("clean", "found", "error", "skipped")
+CONTENT_SIDES: Final = ("requester", "upstream")
+CONTENT_ACTIONS: Final = ("refused", "replaced", "aborted")
+DIRECTIONS: Final = ("from_requester", "from_upstream")
+
+#: The keys of ``limits:`` that ``dicomfw_limit`` exports (by their rules-file names), the
+#: caps among them (those with a usage), and the request rates of ``dicomfw_request_limit``.
+LIMIT_KINDS: Final = (
+    "max_concurrent_total",
+    "max_concurrent_per_ip",
+    "max_concurrent_per_peer",
+    "max_pending_per_ip",
+    "associations_per_minute_per_ip",
+    "associations_per_minute_per_peer",
+)
+CAP_KINDS: Final = frozenset(LIMIT_KINDS[:4])
+REQUEST_LIMIT_KINDS: Final = (
+    "requests_per_minute_per_association",
+    "requests_per_minute_per_peer",
+)
+
 NONE: Final = "none"  # label value: no route (yet)
 UNKNOWN: Final = "unknown"  # label value: an AE title that is no configured peer
 OTHER: Final = "other"  # label value: a SOP class the rules do not name
@@ -221,16 +304,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemostrecent",
         )
-        self.audit_dropped = Counter(
-            "dicomfw_audit_events_dropped_total",
-            "Audit events dropped because the sink's queue was full.",
-            ["sink"],
-            registry=r,
-        )
-        self.audit_errors = Counter(
-            "dicomfw_audit_write_errors_total",
-            "Audit writes or sends that failed (events lost).",
-            ["sink"],
+        self.audit_lost = Counter(
+            "dicomfw_audit_events_lost_total",
+            "Audit records a sink (file, atna) did not deliver, by cause: queue_full (dropped: "
+            "the sink was queue_size records behind), write_error (the write failed: disk "
+            "full, file gone, connection broken), collector_unreachable (ATNA: no connection).",
+            ["sink", "cause"],
             registry=r,
         )
         self.loop_lag = Histogram(
@@ -269,6 +348,37 @@ class Metrics:
             ["store", "fail"],
             registry=r,
         )
+        self.limits = Gauge(
+            "dicomfw_limit",
+            "The limits the rules file sets, by key (kind) and where it is set (scope: global "
+            "for limits:, listener:NAME, peer:AE): the concurrency caps max_concurrent_total, "
+            "max_concurrent_per_ip, max_concurrent_per_peer (open associations) and "
+            "max_pending_per_ip (connections not associated yet), and the association rates "
+            "associations_per_minute_per_ip, associations_per_minute_per_peer.",
+            ["kind", "scope"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.request_limits = Gauge(
+            "dicomfw_request_limit",
+            "The request rates the rules file sets, per minute, by key (kind: "
+            "requests_per_minute_per_association, requests_per_minute_per_peer), scope and "
+            "service.",
+            ["kind", "scope", "service"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.limit_usage = Gauge(
+            "dicomfw_limit_usage",
+            "What each concurrency cap of dicomfw_limit (same kind and scope) is compared with "
+            "now: max_concurrent_total, the associations open; max_concurrent_per_ip and "
+            "max_pending_per_ip, the most one address holds; max_concurrent_per_peer, the most "
+            "one peer holds (scope peer:AE: that peer). This process's counts (with workers, "
+            "the busiest worker's), sampled every second.",
+            ["kind", "scope"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         for result in ("success", "failure"):  # exported from the start, so increase() works
             self.reloads.labels(result)
         self.reload_ok.set(1)
@@ -280,6 +390,8 @@ class Metrics:
         self._file_series: dict[Gauge, set[tuple[str, str]]] = {}  # see ``_set_moments``
         self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}  # see ``_child``
         self._instance = ""
+        self._caps: set[tuple[str, str]] = set()  # (kind, scope) of the caps in force
+        self._request_caps: set[tuple[str, str, str]] = set()
 
     # ---- configuration ------------------------------------------------------------------------
 
@@ -299,6 +411,8 @@ class Metrics:
                 uids |= rule.sop_classes or set()
         self._sop_labels = {uid: name_of(uid) for uid in uids}
         self._upstream_of_route = {route.name: route.upstream for route in policy.routes}
+        for metric, *values in self._known_series(config):
+            self._child(metric, *values)
         try:
             digest = hashlib.sha256(config.source.read_bytes()).hexdigest()
         except OSError:
@@ -310,6 +424,170 @@ class Metrics:
             self.rules_info.labels(digest).set(1)
             self._rules_hash = digest
         self._set_certificates(config)
+        self._set_limits(config)
+
+    def _set_limits(self, config: Config) -> None:
+        """One ``dicomfw_limit`` (or ``dicomfw_request_limit``) series per limit the rules set,
+        and a ``dicomfw_limit_usage`` series per cap; those of limits a reload removed go.
+        (In multiprocess mode a removed series keeps the value last written: +Inf, "no
+        limit", rather than the old figure.)"""
+        rules = config.limits.rates
+        scopes = [
+            ("global", rules.default),
+            *((f"listener:{name}", limits) for name, limits in rules.listeners.items()),
+            *((f"peer:{ae}", limits) for ae, limits in rules.peers.items()),
+        ]
+        caps: dict[tuple[str, str], int] = {}
+        request_caps: dict[tuple[str, str, str], int] = {}
+        for scope, limits in scopes:
+            for kind in LIMIT_KINDS:
+                value = getattr(limits, kind)
+                if value is not None:
+                    caps[(kind, scope)] = value
+            for kind in REQUEST_LIMIT_KINDS:
+                for service, rate in getattr(limits, kind).items():
+                    request_caps[(kind, scope, service)] = rate
+        for key, value in caps.items():
+            self.limits.labels(*key).set(value)
+            if key[0] in CAP_KINDS and key not in self._caps:
+                self.limit_usage.labels(*key).set(0)
+        for key in self._caps - caps.keys():
+            self.limits.labels(*key).set(math.inf)
+            self.limits.remove(*key)
+            if key[0] in CAP_KINDS:
+                self.limit_usage.labels(*key).set(0)
+                self.limit_usage.remove(*key)
+                self._children.pop((self.limit_usage, key), None)
+        for request_key, rate in request_caps.items():
+            self.request_limits.labels(*request_key).set(rate)
+        for request_key in self._request_caps - request_caps.keys():
+            self.request_limits.labels(*request_key).set(math.inf)
+            self.request_limits.remove(*request_key)
+        self._caps, self._request_caps = set(caps), set(request_caps)
+
+    def sample_limits(self, peaks: Peaks) -> None:
+        """(Every second, from ``Sampler``) Each cap's count now, from the relay's limiter."""
+        for kind, scope in self._caps:
+            if kind == "max_concurrent_total":
+                used = peaks.total
+            elif kind == "max_concurrent_per_ip":
+                used = peaks.per_ip
+            elif kind == "max_pending_per_ip":
+                used = peaks.pending_per_ip
+            elif kind == "max_concurrent_per_peer" and scope.startswith("peer:"):
+                used = peaks.per_peer.get(scope.removeprefix("peer:"), 0)
+            elif kind == "max_concurrent_per_peer":
+                used = max(peaks.per_peer.values(), default=0)
+            else:
+                continue  # a rate: nothing is held open
+            self._child(self.limit_usage, kind, scope).set(used)
+
+    def _known_series(self, config: Config) -> Iterator[tuple[Any, ...]]:
+        """(metric, *label values) of every series the rules make known: their listeners,
+        routes, peers, upstreams and SOP classes with the fixed reasons, causes and outcomes
+        that can happen there. Created at 0 at start and after each reload (new names; the
+        series of names a reload removed stay, with what they counted).
+
+        Not here: requests of a service or SOP class no allow rule of the route lists (a
+        refused request's own series starts with it; its refusal is counted in
+        ``dicomfw_refusals_total``, which is), and certificate and CRL expiry (set at once)."""
+        policy = config.policy
+        peers = [peer.ae_title for peer in policy.peers]
+        tls_upstreams = {u.name for u in config.upstreams if u.tls is not None}
+        for upstream in config.upstreams:
+            causes = UPSTREAM_CAUSES + (
+                UPSTREAM_TLS_CAUSES if upstream.name in tls_upstreams else ()
+            )
+            for cause in causes:
+                yield self.upstream_failures, upstream.name, cause
+        for listener in config.listeners:
+            name = listener.name
+            routes = [route for route in policy.routes if route.listener == name]
+            monitored = policy.listener_mode(name) == MONITOR or any(
+                route.mode == MONITOR for route in routes
+            )
+            validated = [route for route in routes if route.content is not None]
+            yield self.active, name
+            for outcome in UNROUTED_OUTCOMES:
+                yield self.associations, name, NONE, UNKNOWN, outcome
+            for peer in peers:
+                yield self.associations, name, NONE, peer, "rejected"
+            for route_name in (NONE, *(route.name for route in routes)):
+                yield self.duration, name, route_name
+                for direction in DIRECTIONS:
+                    yield self.bytes, name, route_name, direction
+            for route in routes:
+                admitted = peers if route.calling_aes is None else sorted(route.calling_aes)
+                if route.mode == MONITOR:
+                    admitted = [*admitted, UNKNOWN]
+                for peer in admitted:
+                    for outcome in ROUTED_OUTCOMES:
+                        yield self.associations, name, route.name, peer, outcome
+                yield from self._request_series(route)
+            connection = CONNECTION_REASONS + (TLS_REASONS if listener.tls is not None else ())
+            connection += PROXY_REASONS if listener.proxy_protocol else ()
+            stages = {
+                "connection": connection,
+                "association": ASSOCIATION_REASONS,
+                "context": CONTEXT_REASONS,
+                "request": REQUEST_REASONS,
+                "protocol": tuple(sorted(PROTOCOL_REFUSALS)),
+                "content": CONTENT_CHECKS if validated else (),
+            }
+            for stage, reasons in stages.items():
+                for reason in reasons:
+                    yield self.refusals, name, stage, reason
+            if listener.tls is not None:
+                for cause in HANDSHAKE_CAUSES:
+                    yield self.tls_failures, name, cause
+            if validated:
+                for side in CONTENT_SIDES:
+                    for check in CONTENT_CHECKS:
+                        for action in CONTENT_ACTIONS:
+                            yield self.content, name, side, check, action
+            if any(route.content.scan != "off" for route in validated if route.content):
+                for result in SCAN_RESULTS:
+                    yield self.scans, name, result
+            would: dict[str, tuple[str, ...]] = {}
+            if monitored:
+                would = {
+                    "connection": ("source_address_denied",)
+                    if policy.listener_mode(name) == MONITOR
+                    else (),
+                    "association": RULE_ASSOCIATION_REASONS,
+                    "context": CONTEXT_REASONS,
+                    "request": (*RULE_REQUEST_REASONS, "unrecognized_operation"),
+                    "limit": (*LIMIT_ASSOCIATION_REASONS, "request_rate_exceeded"),
+                }
+            if (monitored and validated) or any(
+                route.content.monitor for route in validated if route.content
+            ):
+                would["content"] = CONTENT_CHECKS
+            for stage, reasons in would.items():
+                for reason in reasons:
+                    yield self.would_refuse, name, stage, reason
+        store = config.limits.store
+        if store is not None:
+            yield self.limit_store_fallbacks, "redis", store.fail
+
+    def _request_series(self, route: Route) -> Iterator[tuple[Any, ...]]:
+        """A route's requests: each service its allow rules list with each SOP class they list
+        (Verification for C-ECHO; ``other`` where a rule lists none), by status class; and
+        the round trips of each of those services."""
+        pairs: set[tuple[str, str]] = set()
+        for rule in route.allow:
+            for service in rule.services:
+                if service == "C-ECHO":
+                    pairs.add((service, name_of(VERIFICATION_SOP_CLASS)))
+                elif rule.sop_classes is None:
+                    pairs.add((service, OTHER))
+                else:
+                    pairs |= {(service, self._sop_labels[uid]) for uid in rule.sop_classes}
+        for service, sop_class in sorted(pairs):
+            for answer in ANSWER_CLASSES:
+                yield self.requests, route.name, service, sop_class, answer
+        for service in sorted({service for service, _ in pairs}):
+            yield self.round_trip, route.name, service
 
     def _set_certificates(self, config: Config) -> None:
         self._set_moments(self.not_after, config.certificate_files(), _earliest_not_after)
@@ -357,9 +635,15 @@ class Metrics:
     def limit_store_fallback(self, fail: str) -> None:
         self._child(self.limit_store_fallbacks, "redis", fail).inc()
 
-    def audit_counters(self, sink: str) -> tuple[Callable[[], None], Callable[[], None]]:
-        """(count a dropped event, count a failed write) for the audit sink called ``sink``."""
-        return self.audit_dropped.labels(sink).inc, self.audit_errors.labels(sink).inc
+    def audit_losses(self, sink: str, causes: Iterable[str]) -> Callable[[str, int], None]:
+        """What counts the records the audit sink called ``sink`` loses, by cause (called on
+        the sink's thread, or the relay's for a full queue); its series exist from now, at 0."""
+        children = {cause: self.audit_lost.labels(sink, cause) for cause in causes}
+
+        def lost(cause: str, count: int) -> None:
+            children[cause].inc(count)
+
+        return lost
 
     # ---- the observer -------------------------------------------------------------------------
 
@@ -450,6 +734,34 @@ class Metrics:
         if child is None:
             child = self._children[key] = metric.labels(*values)
         return cast(_M, child)
+
+
+class Sampler:
+    """Calls ``sample`` every ``interval`` seconds on the event loop: for gauges of state no
+    event reports (the limiter's counts), at a cost that does not grow with the traffic."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sample: Callable[[], None], interval: float = 1.0
+    ) -> None:
+        self._loop = loop
+        self._sample = sample
+        self._interval = interval
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._fire()
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        try:
+            self._sample()
+        except Exception:  # a gauge must never stop the loop's other work
+            log.exception("event=sample_failed")
+        self._handle = self._loop.call_later(self._interval, self._fire)
 
 
 class LoopLagProbe:

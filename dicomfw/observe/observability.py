@@ -14,7 +14,6 @@ reach it through prometheus-client's multiprocess files.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from operator import attrgetter
 from typing import Final
 
@@ -47,11 +46,12 @@ class Observability:
         settings = config.audit
         try:
             if settings is not None and (settings.file is not None or settings.stdout):
-                sinks.append(
-                    json_lines_sink(settings.file, settings.queue_size, *self._counted("file"))
-                )
+                sinks.append(json_lines_sink(settings.file, settings.queue_size))
             if settings is not None and settings.atna is not None:
-                sinks.append(atna_sink(settings.atna, settings.queue_size, *self._counted("atna")))
+                sinks.append(atna_sink(settings.atna, settings.queue_size))
+            if self.metrics is not None:
+                for sink in sinks:  # before the first record: application_start
+                    sink.on_lost = self.metrics.audit_losses(sink.name, sink.causes)
             if config.metrics is not None and self.metrics is not None and not supervised:
                 self.server = MetricsServer(config.metrics, self.metrics.registry)
         except BaseException:
@@ -64,11 +64,6 @@ class Observability:
             self.audit = AuditTrail(sinks)
             self.audit.configure(config)
             self.audit.application("start", config.source)
-
-    def _counted(self, sink: str) -> tuple[Callable[[], None] | None, Callable[[], None] | None]:
-        if self.metrics is None:
-            return None, None
-        return self.metrics.audit_counters(sink)
 
     @property
     def observers(self) -> list[Observer]:

@@ -586,6 +586,38 @@ async def _read_proxy_header(connection: socket.socket) -> ProxyHeader:
             return header
 
 
+async def _first_byte(
+    loop: asyncio.AbstractEventLoop, connection: socket.socket, timeout: float
+) -> bool:
+    """Wait, at most ``timeout`` (else TimeoutError), for a TLS client's first byte: True once
+    it has sent one (left in the socket for the handshake: peeked, not read), False if it
+    closed or reset the connection without one.
+
+    A load balancer's or a monitor's TCP health check connects and closes at once. Handed to
+    the TLS handshake, that ends as a handshake failure (a connection reset, or EOF), which
+    would be logged and counted as a refused client every few seconds; it is a probe, as on a
+    plain listener. Asking first costs one readiness wait per TLS connection, which the
+    handshake would have waited for anyway."""
+    readable = loop.create_future()
+
+    def ready() -> None:
+        if not readable.done():
+            readable.set_result(None)
+
+    loop.add_reader(connection.fileno(), ready)
+    try:
+        async with asyncio.timeout(timeout):
+            await readable
+    finally:
+        loop.remove_reader(connection.fileno())
+    try:
+        return bool(connection.recv(1, socket.MSG_PEEK))
+    except BlockingIOError:  # a spurious wake-up: the handshake will wait for the bytes
+        return True
+    except ConnectionError:  # reset before a byte: some balancers close their checks so
+        return False
+
+
 def _describe(error: BaseException) -> str:
     if isinstance(error, ssl.SSLCertVerificationError):
         return f"{error.reason}: {error.verify_message}"
@@ -835,7 +867,27 @@ class Relay:
     ) -> None:
         loop = asyncio.get_running_loop()
         context = runtime.server_contexts.get(listener.name)
+        handshake_seconds = runtime.config.limits.tls_handshake_seconds
         if context is not None:
+            started = loop.time()
+            try:
+                spoke = await _first_byte(loop, connection, handshake_seconds)
+            except TimeoutError:
+                detail = f"no TLS ClientHello within {handshake_seconds:g} s"
+                self.notify(info, Refused("tls_handshake_failed", detail, "timeout"))
+                connection.close()
+                gate.release()
+                return
+            except asyncio.CancelledError:  # the daemon stopped first
+                connection.close()
+                gate.release()
+                raise
+            if not spoke:  # as on a plain listener (``Session.connection_lost``)
+                self.notify(info, AssociationEnded("probe", "closed_without_a_byte"))
+                connection.close()
+                gate.release()
+                return
+            handshake_seconds = max(0.001, handshake_seconds - (loop.time() - started))
             accepting(connection)  # where a refused handshake sends its alert
         try:
             await loop.connect_accepted_socket(
@@ -844,9 +896,7 @@ class Relay:
                 ),
                 connection,
                 ssl=context,
-                ssl_handshake_timeout=runtime.config.limits.tls_handshake_seconds
-                if context
-                else None,
+                ssl_handshake_timeout=handshake_seconds if context else None,
             )
         except (ssl.SSLError, OSError, TimeoutError, ConnectionError) as error:
             refused = Refused(

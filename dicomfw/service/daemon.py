@@ -26,7 +26,7 @@ from dicomfw.config.load import load_config
 from dicomfw.errors import ConfigError, ConfigErrors
 from dicomfw.logsetup import log_event
 from dicomfw.observe.eventlog import log_observer
-from dicomfw.observe.metrics import LoopLagProbe
+from dicomfw.observe.metrics import LoopLagProbe, Sampler
 from dicomfw.observe.observability import Observability
 from dicomfw.relay.server import Relay, Runtime, build_runtime
 from dicomfw.relay.tls import check_collector_files
@@ -297,10 +297,13 @@ async def serve(
     health.started()
     trimmer = HeapTrimmer(lambda: (relay.connections, len(relay.associations)))
     trimmer.start()
-    lag = None
-    if observability.metrics is not None:
-        lag = LoopLagProbe(loop, observability.metrics.loop_lag.observe)
+    lag = sampler = None
+    metrics = observability.metrics
+    if metrics is not None:
+        lag = LoopLagProbe(loop, metrics.loop_lag.observe)
         lag.start()
+        sampler = Sampler(loop, lambda: metrics.sample_limits(relay.limiter.peaks()))
+        sampler.start()
     await stop.wait()
     if drain_seconds is None:
         drain_seconds = relay.runtime.config.limits.drain_seconds
@@ -324,6 +327,8 @@ async def serve(
     trimmer.stop()
     if lag is not None:
         lag.stop()
+    if sampler is not None:
+        sampler.stop()
     announcer.close()
     observability.close()  # after the drain: the audit records every association's end
     log_event(log, logging.INFO, "stopped")
