@@ -24,6 +24,7 @@ message for a ``request_failed`` or ``would_refuse`` record) is not lost.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -231,8 +232,7 @@ class JsonLines:
     causes: tuple[str, ...] = (WRITE_ERROR,)
 
     def __init__(self, path: Path | None) -> None:
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-        self._fd = sys.stdout.fileno() if path is None else os.open(path, flags, 0o666)
+        self._fd = sys.stdout.fileno() if path is None else _open_for_append(path)
         self._owned = path is not None
         self._torn = False  # the last write ended inside a line
 
@@ -258,6 +258,20 @@ class JsonLines:
     def close(self) -> None:
         if self._owned:
             os.close(self._fd)
+
+
+def _open_for_append(path: Path) -> int:
+    """As ``open(path, "a")`` opens it, without the buffer: a file that cannot be appended to
+    (its end cannot be found, as for ``/proc`` files) fails here, at start, rather than at the
+    first record; a pipe, which has no end to seek to, is fine."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        os.lseek(fd, 0, os.SEEK_END)
+    except OSError as error:
+        if error.errno != errno.ESPIPE:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _whole(lines: list[bytes], written: int) -> tuple[int, int]:
