@@ -15,6 +15,8 @@ from ipaddress import ip_address, ip_network
 from dicomfw.core import pdu
 from dicomfw.core.policy import AllowRule, Peer, Policy, Route
 from dicomfw.core.session import (
+    REFUSAL_REPORT_SECONDS,
+    REFUSALS_REPORTED_ONE_BY_ONE,
     TALLY_ROUND_TRIPS,
     AssociationAccepted,
     AssociationEnded,
@@ -375,7 +377,9 @@ def test_c_move_to_an_unlisted_destination_is_refused_with_a801() -> None:
     commands = session.receive(REQUESTER, move)
     assert refusal(commands) == (MOVE, 0x8021, 8, 0xA801)
     assert transcript(commands)[1:] == [
-        RequestRefused("C-MOVE", STUDY_MOVE, 0xA801, "move_destination_denied", "", 8)
+        RequestRefused(
+            "C-MOVE", STUDY_MOVE, 0xA801, "move_destination_denied", "", 8, move_destination="EVIL"
+        )
     ]
 
 
@@ -453,6 +457,32 @@ def test_answers_are_counted_by_status_class_and_a_failure_is_an_event_too() -> 
     assert counted(session) == {
         ("C-ECHO", VERIFICATION): OperationCounts(4, success=1, warning=1, failure=1, cancel=1)
     }
+
+
+def test_refused_c_moves_name_their_destination_until_they_are_counted_together() -> None:
+    """The destination is the requester's to choose: each refusal reported one by one says
+    which, and the ones counted together are one entry however many destinations they named
+    (not one per destination: a flood of names must not grow the session's report)."""
+    clock = Clock()
+    session = established_with_clock(clock)
+    events: list[RequestRefused] = []
+    for message_id in range(1, 201):
+        move = p_data(
+            command_pdv(MOVE, c_move_rq(message_id, f"EVIL{message_id}")),
+            data_pdv(MOVE, b"\x08\x00\x52\x00", last=True),
+        )
+        events += [c for c in session.receive(REQUESTER, move) if isinstance(c, RequestRefused)]
+    assert [e.move_destination for e in events] == [
+        f"EVIL{n}" for n in range(1, REFUSALS_REPORTED_ONE_BY_ONE + 1)
+    ]
+    clock.now = REFUSAL_REPORT_SECONDS
+    [summary] = session.take_report()
+    assert isinstance(summary, RequestRefused)
+    assert (summary.count, summary.why) == (
+        200 - REFUSALS_REPORTED_ONE_BY_ONE,
+        "move_destination_denied",
+    )
+    assert summary.move_destination is None and summary.message_id is None
 
 
 def established_with_clock(clock: Clock) -> Session:

@@ -8,10 +8,8 @@ requests) as far as the record kept them: a field it did not keep is empty, neve
 
 from __future__ import annotations
 
-import ast
 import ipaddress
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,9 +29,6 @@ __all__ = [
     "read_audit",
 ]
 
-#: The move destination of a refused C-MOVE is only in the refusal's detail (the core's words,
-#: ``Policy.decide_request``); the audit event has no field of its own for it.
-_DESTINATION: Final = re.compile(r"^C-MOVE destination ('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")")
 #: Records that describe an association or a connection; the rest (start, stop) do not.
 EVENTS: Final = (
     "association",
@@ -149,10 +144,7 @@ def _operations(record: dict[str, Any]) -> Iterator[Request]:
 
 def _request(record: dict[str, Any]) -> Request:
     service = record["service"]
-    destination = None
-    if service == "C-MOVE":
-        found = _DESTINATION.match(record.get("detail") or "")
-        destination = ast.literal_eval(found.group(1)) if found else None
+    destination = record["move_destination"] if service == "C-MOVE" else None
     return Request(service, record["sop_class_uid"], destination)
 
 

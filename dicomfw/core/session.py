@@ -204,8 +204,9 @@ class AssociationAccepted:
 @dataclass(frozen=True, slots=True)
 class RequestRefused:
     """``count`` refused requests alike: one, or (past ``REFUSALS_REPORTED_ONE_BY_ONE`` of a
-    kind) those since the previous report, with ``message_id`` None and a SOP class only when
-    it is one the association negotiated."""
+    kind) those since the previous report, with ``message_id`` and ``move_destination`` None
+    and a SOP class only when it is one the association negotiated. ``move_destination`` is a
+    field of its own so that ``dicomfw learn`` and ``explain`` never read it out of ``detail``."""
 
     service: str  # "unknown" for a command field that is no DIMSE request
     sop_class: str
@@ -214,6 +215,7 @@ class RequestRefused:
     detail: str
     message_id: int | None
     count: int = 1
+    move_destination: str | None = None  # a C-MOVE's, as received
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +234,7 @@ class WouldRefuse:
     service: str = ""
     sop_class: str = ""
     count: int = 1
+    move_destination: str | None = None  # a request's C-MOVE destination, as received
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,7 +419,15 @@ def content_status(kind: Kind, command_field: int) -> int:
 def _would_refuse_request(stage: str, refusal: Refuse, hold: _Hold) -> WouldRefuse:
     service = _service_name(hold.command.command_field)
     answer = f"0x{refusal.status:04X}" if refusal.status else "delayed"
-    return WouldRefuse(stage, refusal.why, refusal.detail, answer, service, hold.sop_class)
+    return WouldRefuse(
+        stage,
+        refusal.why,
+        refusal.detail,
+        answer,
+        service,
+        hold.sop_class,
+        move_destination=hold.command.move_destination,
+    )
 
 
 class _Hold:
@@ -1064,7 +1075,16 @@ class Session:
                 refusal, stage = metered, "limit"
             elif isinstance(metered, Delay) and monitor:
                 delayed = Refuse(0, "request_rate_exceeded", f"would wait {metered.seconds:.1f} s")
-                self._report(WouldRefuse("limit", delayed.why, delayed.detail, "delayed", service))
+                self._report(
+                    WouldRefuse(
+                        "limit",
+                        delayed.why,
+                        delayed.detail,
+                        "delayed",
+                        service,
+                        move_destination=command.move_destination,
+                    )
+                )
             elif isinstance(metered, Delay):
                 hold = _Hold(context_id, command, sop_class)
                 hold.delayed = True
@@ -1137,6 +1157,7 @@ class Session:
                 refusal.why,
                 refusal.detail,
                 command.message_id,
+                move_destination=command.move_destination,
             )
         )
 
@@ -1387,8 +1408,9 @@ class Session:
     def _report(self, event: RequestRefused | ContentRefused | WouldRefuse) -> None:
         """Report a refusal (or what monitor mode let pass), or past
         ``REFUSALS_REPORTED_ONE_BY_ONE`` of its kind count it for ``take_report``, keyed by
-        what the rules and the negotiation bound: no detail or message ID, and a SOP class the
-        association did not negotiate counts as ""."""
+        what the rules and the negotiation bound: no detail, message ID or move destination
+        (the requester chooses those freely), and a SOP class the association did not
+        negotiate counts as ""."""
         kind = (type(event).__name__, event.why)
         seen = self._reported_by_why.get(kind, 0) + 1
         self._reported_by_why[kind] = seen
@@ -1398,7 +1420,11 @@ class Session:
         sop_class = event.sop_class if event.sop_class in self._abstract_syntax.values() else ""
         if isinstance(event, WouldRefuse):
             key: RequestRefused | ContentRefused | WouldRefuse = replace(
-                event, detail="", sop_class=sop_class
+                event, detail="", sop_class=sop_class, move_destination=None
+            )
+        elif isinstance(event, RequestRefused):
+            key = replace(
+                event, detail="", sop_class=sop_class, message_id=None, move_destination=None
             )
         else:
             key = replace(event, detail="", sop_class=sop_class, message_id=None)

@@ -396,6 +396,7 @@ class AuditTrail:
                 event.why,
                 event.detail,
                 event.count,
+                event.move_destination,
             )
         elif kind is AssociationAccepted:
             assert isinstance(event, AssociationAccepted)
@@ -466,6 +467,7 @@ class AuditTrail:
                 service=event.service or None,
                 sop_class=name_of(event.sop_class) if event.sop_class else None,
                 sop_class_uid=event.sop_class or None,
+                move_destination=event.move_destination,
                 count=event.count,
             )
             self._submit(record)
@@ -499,6 +501,7 @@ class AuditTrail:
         why: str,
         detail: str,
         count: int = 1,
+        move_destination: str | None = None,
     ) -> None:
         """One request, or ``count`` alike reported together (a refusal flood, counted)."""
         record = _who(self._pid, info, name, "refused" if why else "failed")
@@ -514,7 +517,7 @@ class AuditTrail:
             count=count,
         )
         if why:
-            record.update(reason=why, detail=detail)
+            record.update(reason=why, detail=detail, move_destination=move_destination)
         self._submit(record)
 
     def _association_record(self, info: AssociationInfo, event: AssociationEnded) -> None:
