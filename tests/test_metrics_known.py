@@ -338,14 +338,14 @@ def test_a_reload_adds_the_series_of_a_new_upstream_and_route_at_0(
 
 def test_every_reason_the_rules_decide_has_its_series() -> None:
     """The reasons ``dicomfw explain`` knows the rules give are among those the metrics
-    create at start (a new reason in the core must be added to both)."""
+    create at start."""
     from dicomfw.admin.explain import RULE_REASONS
     from dicomfw.observe import metrics
 
     known = {
         *metrics.CONNECTION_REASONS,
         *metrics.ASSOCIATION_REASONS,
-        *metrics.CONTEXT_REASONS,
+        *metrics.CONTEXT_RULE_REASONS,
         *metrics.REQUEST_REASONS,
     }
     assert set(RULE_REASONS) <= known

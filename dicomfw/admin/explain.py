@@ -31,8 +31,11 @@ from dicomfw.admin.records import Attempt, Context, Request
 from dicomfw.config.model import Config
 from dicomfw.core import uids
 from dicomfw.core.policy import (
+    ASSOCIATION_RULE_REASONS,
+    CONTEXT_RULE_REASONS,
     MONITOR,
     PC_ACCEPTANCE,
+    REQUEST_RULE_REASONS,
     SERVICE_COMMANDS,
     Accept,
     Allow,
@@ -68,16 +71,9 @@ _UNRECORDED: Final = ""
 RULE_REASONS: Final = frozenset(
     {
         "source_address_denied",
-        "calling_ae_unknown",
-        "source_network_denied",
-        "certificate_mismatch",
-        "called_ae_unknown",
-        "route_denies_calling_ae",
-        "no_context_allowed",
-        "sop_class_not_allowed",
-        "transfer_syntax_not_allowed",
-        "service_not_allowed",
-        "move_destination_denied",
+        *ASSOCIATION_RULE_REASONS,
+        *CONTEXT_RULE_REASONS,
+        *REQUEST_RULE_REASONS,
         "unrecognized_operation",
     }
 )

@@ -67,6 +67,21 @@ PC_TRANSFER_SYNTAXES_NOT_SUPPORTED: Final = 4
 ENFORCE: Final = "enforce"
 MONITOR: Final = "monitor"
 
+#: The reasons the rules give, by stage, so that whoever counts or explains refusals names the
+#: same set: the metrics create their series from them and ``dicomfw explain`` knows these are
+#: the ones it can decide again. (``no_context_allowed`` is the session's verdict on the
+#: contexts; ``source_address_denied``, before any PDU, the relay's on ``decide_address``.)
+ASSOCIATION_RULE_REASONS: Final = (
+    "calling_ae_unknown",
+    "source_network_denied",
+    "certificate_mismatch",
+    "called_ae_unknown",
+    "route_denies_calling_ae",
+    "no_context_allowed",
+)
+CONTEXT_RULE_REASONS: Final = ("sop_class_not_allowed", "transfer_syntax_not_allowed")
+REQUEST_RULE_REASONS: Final = ("service_not_allowed", "move_destination_denied")
+
 # DIMSE statuses used for refusals (PS3.7 Annex C and C.4.2).
 STATUS_NOT_AUTHORIZED: Final = 0x0124
 STATUS_SOP_CLASS_NOT_SUPPORTED: Final = 0x0122

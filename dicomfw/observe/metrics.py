@@ -45,7 +45,14 @@ from prometheus_client.multiprocess import MultiProcessCollector, mark_process_d
 
 from dicomfw.config.model import Config, MetricsEndpoint
 from dicomfw.core.content import CHECKS
-from dicomfw.core.policy import MONITOR, VERIFICATION_SOP_CLASS, Route
+from dicomfw.core.policy import (
+    ASSOCIATION_RULE_REASONS,
+    CONTEXT_RULE_REASONS,
+    MONITOR,
+    REQUEST_RULE_REASONS,
+    VERIFICATION_SOP_CLASS,
+    Route,
+)
 from dicomfw.core.ratelimit import Peaks
 from dicomfw.core.session import (
     ANSWER_CLASSES,
@@ -90,14 +97,6 @@ UPSTREAM_FAILURES: Final = frozenset(
 CONNECTION_REASONS: Final = ("source_address_denied", "pending_limit_exceeded")
 TLS_REASONS: Final = ("tls_handshake_failed",)
 PROXY_REASONS: Final = ("proxy_source_denied", "proxy_header_invalid")
-RULE_ASSOCIATION_REASONS: Final = (
-    "calling_ae_unknown",
-    "source_network_denied",
-    "certificate_mismatch",
-    "called_ae_unknown",
-    "route_denies_calling_ae",
-    "no_context_allowed",
-)
 LIMIT_ASSOCIATION_REASONS: Final = (
     "ip_association_rate_exceeded",
     "peer_association_rate_exceeded",
@@ -106,16 +105,14 @@ LIMIT_ASSOCIATION_REASONS: Final = (
     "total_concurrency_exceeded",
 )
 ASSOCIATION_REASONS: Final = (
-    *RULE_ASSOCIATION_REASONS,
+    *ASSOCIATION_RULE_REASONS,
     *LIMIT_ASSOCIATION_REASONS,
     "upstream_unreachable",
     "upstream_certificate_invalid",
     "upstream_tls_failed",
     "upstream_rejected",
 )
-CONTEXT_REASONS: Final = ("sop_class_not_allowed", "transfer_syntax_not_allowed")
-RULE_REQUEST_REASONS: Final = ("service_not_allowed", "move_destination_denied")
-REQUEST_REASONS: Final = (*RULE_REQUEST_REASONS, "unrecognized_operation", "request_rate_exceeded")
+REQUEST_REASONS: Final = (*REQUEST_RULE_REASONS, "unrecognized_operation", "request_rate_exceeded")
 CONTENT_CHECKS: Final = (*CHECKS, "malware", "scan_unavailable")
 #: ``dicomfw_tls_handshake_failures_total``'s causes (``relay/server.py:handshake_cause``).
 HANDSHAKE_CAUSES: Final = (
@@ -529,7 +526,7 @@ class Metrics:
             stages = {
                 "connection": connection,
                 "association": ASSOCIATION_REASONS,
-                "context": CONTEXT_REASONS,
+                "context": CONTEXT_RULE_REASONS,
                 "request": REQUEST_REASONS,
                 "protocol": tuple(sorted(PROTOCOL_REFUSALS)),
                 "content": CONTENT_CHECKS if validated else (),
@@ -554,9 +551,9 @@ class Metrics:
                     "connection": ("source_address_denied",)
                     if policy.listener_mode(name) == MONITOR
                     else (),
-                    "association": RULE_ASSOCIATION_REASONS,
-                    "context": CONTEXT_REASONS,
-                    "request": (*RULE_REQUEST_REASONS, "unrecognized_operation"),
+                    "association": ASSOCIATION_RULE_REASONS,
+                    "context": CONTEXT_RULE_REASONS,
+                    "request": (*REQUEST_RULE_REASONS, "unrecognized_operation"),
                     "limit": (*LIMIT_ASSOCIATION_REASONS, "request_rate_exceeded"),
                 }
             if (monitored and validated) or any(
