@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import random
@@ -55,6 +56,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from fixtures import CALLED_AE, CALLING_AE, LOCALHOST, make_ct_files, make_pki
 from procs import DCMTK_ENV, Service, free_port, rss_kb
@@ -520,6 +522,19 @@ def plot_samples(
     plt.close(figure)
 
 
+def replot(out: Path) -> None:
+    """The plot of a run whose CSV and summary are in ``out``."""
+    summary = json.loads((out / "summary.json").read_text())
+    with (out / "soak.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    floats = {name for name, field in Sample.__dataclass_fields__.items() if field.type == "float"}
+    samples = []
+    for row in rows:
+        values: dict[str, Any] = {k: float(v) if k in floats else int(v) for k, v in row.items()}
+        samples.append(Sample(**values))
+    plot_samples(out / "soak.png", samples, summary, summary["warmup_seconds"])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="dicomfw soak (see docs/soak.md)")
     parser.add_argument("--seconds", type=float, default=3600)
@@ -530,12 +545,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reload-every", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--replot",
+        type=Path,
+        metavar="OUT",
+        help="draw OUT/soak.png again from OUT's CSV and summary",
+    )
     parser.add_argument("--workdir", type=Path, help="keep PKI, rules and logs here")
     parser.add_argument("--verbose", action="store_true", help="print each sample")
     parser.add_argument("--find-scp", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.find_scp is not None:
         return find_scp(args.find_scp)
+    if not args.no_plot and importlib.util.find_spec("matplotlib") is None:
+        # found out now, not after the hour the plot comes at the end of
+        parser.error("matplotlib draws the plot: pip install -e '.[bench]', or pass --no-plot")
+    if args.replot is not None:
+        replot(args.replot)
+        return 0
     if args.warmup is None:
         args.warmup = min(300.0, max(20.0, args.seconds / 10))
     if args.workdir is not None:
