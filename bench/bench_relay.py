@@ -249,7 +249,9 @@ class Bench:
         text, deadline = "", time.monotonic() + 5.0
         while True:
             text += way.proxy.new_log()
-            ended = re.findall(r"event=association_ended .*how=(\w+).*requests=(\d+)", text)
+            ended = re.findall(
+                r"event=association_ended .*how=(\w+).*requests_answered=(\d+)", text
+            )
             released = sum(1 for how, _ in ended if how == "released")
             answered = sum(int(n) for _, n in ended)
             if released >= associations or time.monotonic() > deadline:

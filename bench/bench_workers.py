@@ -156,7 +156,7 @@ def _check(way: Way, associations: int, requests: int) -> None:
     text, deadline = "", time.monotonic() + 5.0
     while True:
         text += way.service.new_log()
-        ended = re.findall(r"event=association_ended .*how=released.*requests=(\d+)", text)
+        ended = re.findall(r"event=association_ended .*how=released.*requests_answered=(\d+)", text)
         if len(ended) >= associations or time.monotonic() > deadline:
             break
         time.sleep(0.05)
