@@ -60,7 +60,7 @@ from dicomfw.relay.server import AssociationInfo, Observer, Relay, build_runtime
 log = logging.getLogger("bench")
 BENCH = Path(__file__).resolve().parent
 PYTHON = sys.executable
-STORESCU, STORESCP = "/usr/bin/storescu", "/usr/bin/storescp"
+STORESCU = "/usr/bin/storescu"
 Workload = Callable[[int], float]  # runs against a port, returns wall seconds
 
 
@@ -222,14 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         service = service_starter(stack, work)
 
-        scp_port = free_port()
-        (work / "out").mkdir()
-        service(
-            "storescp",
-            [STORESCP, "--fork", "--ignore", "-od", str(work / "out"), "+tls", str(pki.scp_key),
-             str(pki.scp_cert), "+cf", str(pki.ca), str(scp_port)],
-            scp_port,
-        )  # fmt: skip
+        scp_port = fixtures.start_tls_storescp(service, work, pki).port
         rules: dict[str, Path] = {}
         for which in ("off", "on"):
             rules[which] = fixtures.write_rules(work / f"{which}.yaml", 0, scp_port, pki)

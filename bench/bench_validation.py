@@ -23,9 +23,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import fixtures
-from bench_observability import BENCH, PYTHON, STORESCP, STORESCU, Workload
+from bench_observability import BENCH, PYTHON, STORESCU, Workload
 from fixtures import CALLED_AE, CALLING_AE, LOCALHOST
-from procs import DCMTK_ENV, Service, free_port, paired_rounds, run_timed
+from procs import DCMTK_ENV, Service, free_port, paired_rounds, run_timed, service_starter
 
 #: What ``on`` adds to the rules: every route validates data sets with the default checks.
 VALIDATION = "validation: {max_instance_bytes: 2147483648}\n"
@@ -71,19 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         small = fixtures.make_ct_files(work / "small", args.instances, 512, 512)
         large = fixtures.make_ct_files(work / "large", args.large, 5120, 5120)
 
-        def service(name: str, command: list[str], port: int) -> Service:
-            svc = Service(name, command, port, work / f"{name}.log", dict(DCMTK_ENV))
-            stack.callback(svc.stop)
-            return svc.start()
+        service = service_starter(stack, work)
 
-        scp_port = free_port()
-        (work / "out").mkdir()
-        service(
-            "storescp",
-            [STORESCP, "--fork", "--ignore", "-od", str(work / "out"), "+tls", str(pki.scp_key),
-             str(pki.scp_cert), "+cf", str(pki.ca), str(scp_port)],
-            scp_port,
-        )  # fmt: skip
+        scp_port = fixtures.start_tls_storescp(service, work, pki).port
         daemons = {}
         for which in ("off", "on"):
             port = free_port()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from procs import Service, free_port
 
 from dicomfw.pki import certs
 
@@ -165,3 +168,15 @@ def write_stunnel_conf(path: Path, accept_port: int, connect_port: int, pki: Pki
         )
     )
     return path
+
+
+def start_tls_storescp(
+    start: Callable[[str, list[str], int], Service], work: Path, pki: Pki
+) -> Service:
+    """DCMTK's storescp with mutual TLS, a process per association, writing nothing it
+    receives (``--ignore``): the upstream the on/off benchmarks send through dicomfw to."""
+    port = free_port()
+    (work / "out").mkdir()
+    argv = ["/usr/bin/storescp", "--fork", "--ignore", "-od", str(work / "out"), "+tls",
+            str(pki.scp_key), str(pki.scp_cert), "+cf", str(pki.ca), str(port)]  # fmt: skip
+    return start("storescp", argv, port)
