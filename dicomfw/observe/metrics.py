@@ -761,7 +761,7 @@ class Sampler:
         self._handle = self._loop.call_later(self._interval, self._fire)
 
 
-class LoopLagProbe:
+class LoopLagProbe(Sampler):
     """Measures the event loop's lag: a timer due every ``interval`` seconds reports how late
     it ran (``time.monotonic``, finer than uvloop's millisecond timer clock), so that a slow
     callback, a blocking call or CPU starvation shows as lag before it shows as timeouts.
@@ -773,27 +773,15 @@ class LoopLagProbe:
         observe: Callable[[float], None],
         interval: float = 0.25,
     ) -> None:
-        self._loop = loop
+        super().__init__(loop, self._measure, interval)
         self._observe = observe
-        self._interval = interval
-        self._due = 0.0
-        self._handle: asyncio.TimerHandle | None = None
+        self._due: float | None = None  # when the next sample is due; none before the first
 
-    def start(self) -> None:
-        self._schedule()
-
-    def stop(self) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
-
-    def _schedule(self) -> None:
-        self._due = time.monotonic() + self._interval
-        self._handle = self._loop.call_later(self._interval, self._fire)
-
-    def _fire(self) -> None:
-        self._observe(max(0.0, time.monotonic() - self._due))
-        self._schedule()
+    def _measure(self) -> None:
+        now = time.monotonic()
+        if self._due is not None:
+            self._observe(max(0.0, now - self._due))
+        self._due = now + self._interval
 
 
 def _earliest_not_after(path: Path) -> float | None:
