@@ -870,20 +870,20 @@ class Relay:
         handshake_seconds = runtime.config.limits.tls_handshake_seconds
         if context is not None:
             started = loop.time()
+            ended: Refused | AssociationEnded | None = None
             try:
-                spoke = await _first_byte(loop, connection, handshake_seconds)
+                if not await _first_byte(loop, connection, handshake_seconds):
+                    # as on a plain listener (``Session.connection_lost``)
+                    ended = AssociationEnded("probe", "closed_without_a_byte")
             except TimeoutError:
                 detail = f"no TLS ClientHello within {handshake_seconds:g} s"
-                self.notify(info, Refused("tls_handshake_failed", detail, "timeout"))
-                connection.close()
-                gate.release()
-                return
+                ended = Refused("tls_handshake_failed", detail, "timeout")
             except asyncio.CancelledError:  # the daemon stopped first
                 connection.close()
                 gate.release()
                 raise
-            if not spoke:  # as on a plain listener (``Session.connection_lost``)
-                self.notify(info, AssociationEnded("probe", "closed_without_a_byte"))
+            if ended is not None:
+                self.notify(info, ended)
                 connection.close()
                 gate.release()
                 return
